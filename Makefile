@@ -1,0 +1,24 @@
+# `make test` and `make train` bootstrap their own virtual environment from a bare Python >= 3.11.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test train venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+train: $(STAMP)
+	$(PY) -m train --config configs/tiny.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache
