@@ -1,0 +1,127 @@
+"""DeepSeek-V4 attention: shared K=V head, sliding window + compressed entries (CSA / HCA), sink.
+
+Legend: B batch, S sequence, H heads, K head dim, Q q_lora rank, D model dim, G output groups,
+O o_lora rank, T compressed entries, J candidates of one query, C window chunks, W window.
+Queries: x -> Wq_a -> RMSNorm -> Wq_b -> [H, K] -> weightless RMSNorm per head -> rope (last R).
+One K=V vector per token: x -> Wkv -> RMSNorm -> rope. Each query sees the last W tokens
+(itself included) plus compressed entries: every complete block on HCA layers, the indexer's
+top-k on CSA layers (gathered, not a dense mask). One float32 softmax over all candidates plus a
+per-head sink logit that only adds to the denominator. The inverse rotation is applied to the
+last R output dims, then a block-diagonal projection per group and a dense one back to D.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .compressor import Compressor, visible_blocks
+from .config import ModelConfig
+from .indexer import Indexer, indexer_kl
+from .layers import Linear, RMSNorm, apply_rope, constant, rms_normalize
+
+F32 = jnp.float32
+
+
+def _chunk(x, w: int):
+    """[B, S, ...] -> [B, C, W, ...] zero-padded to C = ceil(S / W) chunks."""
+    b, s = x.shape[:2]
+    n = -(-s // w)
+    pad = [(0, 0), (0, n * w - s)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, pad).reshape(b, n, w, *x.shape[2:])
+
+
+def window_keys(kv_BSK, w: int):
+    """Keys of each window chunk: previous chunk + own chunk, [B, C, 2W, K], and the mask
+    [C, W, 2W] of keys at positions (p - W, p] for the query at position p."""
+    kv = _chunk(kv_BSK, w)
+    keys = jnp.concatenate([jnp.pad(kv[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), kv], axis=2)
+    n = kv.shape[1]
+    qpos = jnp.arange(n)[:, None] * w + jnp.arange(w)[None, :]            # [C, W]
+    kpos = (jnp.arange(n)[:, None] - 1) * w + jnp.arange(2 * w)[None, :]  # [C, 2W]
+    mask = (kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] > qpos[:, :, None] - w)
+    return keys, mask & (kpos[:, None, :] >= 0)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int, rngs: nnx.Rngs):
+        self.cfg, self.ratio = cfg, ratio
+        h, k, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
+        self.wq_a = Linear((cfg.dim, cfg.q_lora_rank), ("embed", "q_lora"), cfg, rngs)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora")
+        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora", "heads", "head_dim"), cfg, rngs)
+        self.wkv = Linear((cfg.dim, k), ("embed", "head_dim"), cfg, rngs)
+        self.kv_norm = RMSNorm(k, cfg.norm_eps, "head_dim")
+        self.wo_a = Linear((g, h // g * k, cfg.o_lora_rank), ("o_groups", "o_group_in", "o_lora"), cfg, rngs)
+        self.wo_b = Linear((g, cfg.o_lora_rank, cfg.dim), ("o_groups", "o_lora", "embed"), cfg, rngs)
+        self.sink = constant((h,), ("heads",), 0.0)
+        self.compressor = Compressor(cfg, ratio, k, cfg.is_csa(ratio), rngs) if ratio else None
+        self.indexer = Indexer(cfg, ratio, rngs) if ratio and cfg.is_csa(ratio) else None
+
+    def __call__(self, x_BSD, positions_S, angles_SR, *, dense_csa: bool = False):
+        """Returns (output [B, S, D], indexer KL loss scalar (0 on non-CSA layers))."""
+        cfg = self.cfg
+        qr = self.q_norm(self.wq_a(x_BSD))
+        q = rms_normalize(self.wq_b(qr, "bsq,qhk->bshk"), cfg.norm_eps).astype(x_BSD.dtype)
+        q = apply_rope(q, angles_SR)
+        kv = apply_rope(self.kv_norm(self.wkv(x_BSD)), angles_SR)
+        scale = cfg.head_dim ** -0.5
+
+        # sliding window, chunked: each chunk of W queries sees its own and the previous chunk
+        s, w = x_BSD.shape[1], cfg.window_size
+        keys, wmask = window_keys(kv, w)
+        qc = _chunk(q, w)
+        logits_w = jnp.einsum("bcqhk,bcjk->bcqhj", qc, keys, preferred_element_type=F32) * scale
+        logits_w = jnp.where(wmask[None, :, :, None, :], logits_w, -jnp.inf)
+        logits_w = logits_w.reshape(x_BSD.shape[0], -1, *logits_w.shape[3:])[:, :s]  # [B,S,H,2W]
+
+        comp, kl = None, jnp.zeros((), F32)
+        if self.compressor is not None and s >= self.ratio:
+            comp = self._compressed(x_BSD, qr, q, positions_S, angles_SR, scale, dense_csa)
+            logits = jnp.concatenate([logits_w, comp["logits"]], axis=-1)
+        else:
+            logits = logits_w
+        sink = self.sink[...].astype(F32)[None, None, :, None]
+        m = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, -1, keepdims=True), sink))
+        e = jnp.exp(logits - m)
+        probs = e / (jnp.sum(e, -1, keepdims=True) + jnp.exp(sink - m))
+        nw = logits_w.shape[-1]
+        pw = _chunk(probs[..., :nw], w).astype(kv.dtype)
+        o = jnp.einsum("bcqhj,bcjk->bcqhk", pw, keys, preferred_element_type=F32)
+        o = o.reshape(x_BSD.shape[0], -1, *o.shape[3:])[:, :s]
+        if comp is not None:
+            pc = probs[..., nw:]
+            o = o + comp["combine"](pc.astype(kv.dtype))
+            if self.indexer is not None:
+                kl = indexer_kl(comp["index_scores"], pc, comp["mask"])
+        o = apply_rope(o.astype(x_BSD.dtype), angles_SR, inverse=True)
+        og = o.reshape(*o.shape[:2], cfg.o_groups, -1)
+        y = self.wo_a(og, "bsgi,gio->bsgo")
+        return self.wo_b(y, "bsgo,god->bsd"), kl
+
+    def _compressed(self, x, qr, q, positions_S, angles_SR, scale, dense_csa):
+        """Logits [B, S, H, J] of the compressed candidates, a combine function for their
+        probabilities, and on CSA layers the index scores / mask the KL loss compares."""
+        ckv = self.compressor(x, angles_SR).astype(q.dtype)                  # [B, T, K]
+        t = ckv.shape[1]
+        visible = jnp.arange(t)[None, :] < visible_blocks(positions_S, self.ratio)[:, None]  # [S,T]
+        out = {}
+        if self.indexer is None or dense_csa:
+            logits = jnp.einsum("bshk,btk->bsht", q, ckv, preferred_element_type=F32) * scale
+            out["logits"] = jnp.where(visible[None, :, None, :], logits, -jnp.inf)
+            out["combine"] = lambda p: jnp.einsum("bshj,bjk->bshk", p, ckv, preferred_element_type=F32)
+            if self.indexer is not None:
+                out["index_scores"] = self.indexer.scores(x, qr, angles_SR, positions_S)
+                out["mask"] = jnp.broadcast_to(visible[None], out["index_scores"].shape)
+            return out
+        scores = self.indexer.scores(x, qr, angles_SR, positions_S)           # [B, S, T]
+        idx = self.indexer.select(scores, positions_S)                        # [B, S, k]
+        valid = idx >= 0
+        safe = jnp.maximum(idx, 0)
+        picked = jax.vmap(lambda c, i: c[i])(ckv, safe)                       # [B, S, k, K]
+        logits = jnp.einsum("bshk,bsjk->bshj", q, picked, preferred_element_type=F32) * scale
+        out["logits"] = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
+        out["combine"] = lambda p: jnp.einsum("bshj,bsjk->bshk", p, picked, preferred_element_type=F32)
+        out["index_scores"] = jnp.take_along_axis(scores, safe, axis=-1)
+        out["mask"] = valid
+        return out

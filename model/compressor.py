@@ -1,0 +1,52 @@
+"""Gated pooling compressor: one KV entry per block of `ratio` tokens (CSA ratio 4, HCA 128).
+
+Legend: B batch, S sequence, T compressed entries (= S // ratio), C ratio (slots per block),
+W entry width, D model dim.
+Per token, float32 projections give a value and a gate; entry t is the per-channel
+softmax(gate + positional bias)-weighted sum of its block's values. With overlap (CSA), the
+projections are twice as wide and entry t pools 2C slots: the previous block's first-half
+channels and the current block's second-half channels (block 0 has no predecessor: weight 0).
+The entry is RMS-normalised and rotated at the position of its block's first token.
+Only complete blocks exist; which queries may see them is decided by `visible_blocks`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import Linear, RMSNorm, apply_rope, constant
+
+
+def visible_blocks(positions_S, ratio: int):
+    """Number of complete blocks a query at each position may see: (t + 1) // ratio."""
+    return (positions_S + 1) // ratio
+
+
+class Compressor(nnx.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int, width: int, overlap: bool, rngs: nnx.Rngs):
+        self.ratio, self.width, self.overlap = ratio, width, overlap
+        out = (2 if overlap else 1) * width
+        self.wkv = Linear((cfg.dim, out), ("embed", "compress_out"), cfg, rngs, dtype="float32")
+        self.wgate = Linear((cfg.dim, out), ("embed", "compress_out"), cfg, rngs, dtype="float32")
+        self.ape = constant((ratio, out), ("compress_slot", "compress_out"), 0.0)
+        self.norm = RMSNorm(width, cfg.norm_eps, "compress_width")
+
+    def __call__(self, x_BSD, angles_SR):
+        """Compressed entries [B, T, W] (float32) for the T = S // ratio complete blocks;
+        `angles_SR` are the rotary angles of every position (entry t uses position t * ratio)."""
+        b, s, _ = x_BSD.shape
+        c, w = self.ratio, self.width
+        t = s // c
+        x = x_BSD[:, : t * c].astype(jnp.float32)
+        kv = self.wkv(x).reshape(b, t, c, -1)
+        score = self.wgate(x).reshape(b, t, c, -1) + self.ape[...]
+        if self.overlap:
+            prev_kv = jnp.pad(kv[:, :-1, :, :w], ((0, 0), (1, 0), (0, 0), (0, 0)))
+            prev_score = jnp.pad(score[:, :-1, :, :w], ((0, 0), (1, 0), (0, 0), (0, 0)),
+                                 constant_values=-jnp.inf)
+            kv = jnp.concatenate([prev_kv, kv[..., w:]], axis=2)            # [B, T, 2C, W]
+            score = jnp.concatenate([prev_score, score[..., w:]], axis=2)
+        pooled = jnp.sum(kv * jax.nn.softmax(score, axis=2), axis=2)         # [B, T, W]
+        return apply_rope(self.norm(pooled), angles_SR[::c][:t])

@@ -1,0 +1,193 @@
+"""ModelConfig: every architectural number of a DeepSeek-V4 model, validated at construction.
+
+One behaviour, one field: nothing in the model branches on a preset name. The presets below
+reproduce the published configurations (spec/deepseek-v4.md); `configs/*.yaml` are their twins.
+Analytic counts (parameters, FLOPs, KV-cache bytes) live in model/counts.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+MOE_IMPLS = ("ragged", "dense")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # sizes
+    vocab_size: int = 129280
+    dim: int = 4096
+    n_layers: int = 43
+    # attention: low-rank query, one shared K=V head, grouped low-rank output
+    n_heads: int = 64
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    # per-layer compression ratio: 0 = sliding window only, csa_ratio = CSA, anything else = HCA
+    compress_ratios: tuple[int, ...] = (0, 0) + (4, 128) * 20 + (4,)
+    # the ratio whose layers use overlapping blocks and the lightning indexer (CSA)
+    csa_ratio: int = 4
+    # lightning indexer (CSA layers)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # rotary embedding; YaRN applies on layers with a compressor only
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0
+    original_seq_len: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    # mixture of experts (every layer)
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6
+    moe_inter_dim: int = 2048
+    n_hash_layers: int = 3
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    hash_seed: int = 0
+    moe_impl: str = "ragged"
+    # mHC hyper-connections
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    norm_eps: float = 1e-6
+    # multi-token prediction blocks (window-only attention, score routing)
+    n_mtp_layers: int = 1
+    # numerics: parameters are stored in param_dtype; matmuls run in dtype (router, mHC,
+    # compressor pooling and softmaxes always run in float32)
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    # layers per scan unit are found automatically; this caps the repeating period searched
+    scan_max_period: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        _validate(self)
+
+    # --- derived facts -------------------------------------------------------------------
+    def layer_kind(self, i: int) -> tuple[int, bool]:
+        """(compression ratio, hash routed) of main layer i; MTP layers are (0, False)."""
+        if i >= self.n_layers:
+            return (0, False)
+        return (self.compress_ratios[i], i < self.n_hash_layers)
+
+    def is_csa(self, ratio: int) -> bool:
+        return ratio == self.csa_ratio
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["compress_ratios"] = list(self.compress_ratios)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a mapping (YAML content); unknown keys fail with the closest valid one."""
+        d = dict(d)
+        base = {}
+        if "preset" in d:
+            name = d.pop("preset")
+            if name not in PRESETS:
+                raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            base = PRESETS[name].to_dict()
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names:
+                import difflib
+
+                close = difflib.get_close_matches(key, sorted(names), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{key}: not a ModelConfig field{hint}")
+        return cls(**{**base, **d})
+
+
+def _check(cond: bool, fld: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{fld}: {msg}")
+
+
+def _validate(c: ModelConfig) -> None:
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
+                 "o_lora_rank", "window_size", "n_routed_experts", "n_activated_experts",
+                 "moe_inter_dim", "hc_mult", "hc_sinkhorn_iters", "csa_ratio", "index_n_heads",
+                 "index_head_dim", "index_topk"):
+        _check(isinstance(getattr(c, name), int) and getattr(c, name) > 0, name,
+               f"must be a positive integer, got {getattr(c, name)!r}")
+    for name in ("n_hash_layers", "n_mtp_layers", "n_shared_experts"):
+        _check(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
+    _check(len(c.compress_ratios) == c.n_layers, "compress_ratios",
+           f"has {len(c.compress_ratios)} entries but n_layers is {c.n_layers}; give one ratio per layer")
+    _check(all(r >= 0 for r in c.compress_ratios), "compress_ratios", "ratios must be >= 0")
+    _check(c.n_heads % c.o_groups == 0, "o_groups",
+           f"n_heads={c.n_heads} is not divisible by o_groups={c.o_groups}")
+    _check(0 < c.rope_head_dim <= c.head_dim and c.rope_head_dim % 2 == 0, "rope_head_dim",
+           f"must be even and in (0, head_dim={c.head_dim}], got {c.rope_head_dim}")
+    _check(0 < c.rope_head_dim <= c.index_head_dim, "rope_head_dim",
+           f"must not exceed index_head_dim={c.index_head_dim}")
+    _check(c.n_activated_experts <= c.n_routed_experts, "n_activated_experts",
+           f"top-k {c.n_activated_experts} is larger than n_routed_experts={c.n_routed_experts}")
+    _check(c.n_hash_layers <= c.n_layers, "n_hash_layers",
+           f"{c.n_hash_layers} hash-routed layers but only n_layers={c.n_layers}")
+    _check(c.score_func in SCORE_FUNCS, "score_func", f"must be one of {SCORE_FUNCS}, got {c.score_func!r}")
+    _check(c.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}, got {c.moe_impl!r}")
+    _check(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {c.dtype!r}")
+    _check(c.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {c.param_dtype!r}")
+    _check(c.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")
+    _check(c.route_scale > 0, "route_scale", "must be > 0")
+    _check(c.scan_max_period >= 1, "scan_max_period", "must be >= 1")
+
+
+# --- presets ----------------------------------------------------------------------------
+_SHARED_V4 = dict(rope_head_dim=64, head_dim=512, window_size=128, vocab_size=129280,
+                  index_n_heads=64, index_head_dim=128, n_hash_layers=3, n_mtp_layers=1)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Fits a laptop CPU: every component active (window, CSA with a selective indexer, HCA,
+    # hash and score routing, MTP) at widths that run a training step in seconds.
+    "tiny": ModelConfig(
+        vocab_size=512, dim=64, n_layers=6, n_heads=4, head_dim=32, rope_head_dim=16,
+        q_lora_rank=32, o_groups=2, o_lora_rank=16, window_size=16,
+        compress_ratios=(0, 4, 16, 4, 16, 4), index_n_heads=4, index_head_dim=32, index_topk=4,
+        original_seq_len=256, n_routed_experts=8, n_activated_experts=2, moe_inter_dim=32,
+        n_hash_layers=2, route_scale=1.5, n_mtp_layers=1, dtype="float32",
+    ),
+    "v4-flash": ModelConfig(**_SHARED_V4, dim=4096, n_layers=43, n_heads=64, q_lora_rank=1024,
+                            o_groups=8, o_lora_rank=1024,
+                            compress_ratios=(0, 0) + (4, 128) * 20 + (4,), index_topk=512,
+                            n_routed_experts=256, n_activated_experts=6, moe_inter_dim=2048,
+                            route_scale=1.5),
+    "v4-pro": ModelConfig(**_SHARED_V4, dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536,
+                          o_groups=16, o_lora_rank=1024,
+                          compress_ratios=(128, 128) + (4, 128) * 29 + (4,), index_topk=1024,
+                          n_routed_experts=384, n_activated_experts=6, moe_inter_dim=3072,
+                          route_scale=2.5),
+    # The seed article's 1T model: V4 architecture, widths between Flash and Pro.
+    # 1.01T without MTP (1.03T with), 33B active.
+    "v4-1t": ModelConfig(**_SHARED_V4, dim=6144, n_layers=61, n_heads=96, q_lora_rank=1536,
+                         o_groups=12, o_lora_rank=1024,
+                         compress_ratios=(128, 128) + (4, 128) * 29 + (4,), index_topk=1024,
+                         n_routed_experts=384, n_activated_experts=6, moe_inter_dim=2304,
+                         route_scale=2.5),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,67 @@
+"""Lightning indexer of CSA layers: picks, per query, the top-k compressed blocks to attend to.
+
+Legend: B batch, S sequence, T compressed entries, H index heads, K index head dim, Q q_lora,
+k top-k.
+Score I[s, t] = sum_h w[s, h] * ReLU(q[s, h] . K[t]), w = x @ W_w * K^-0.5 * H^-0.5, with the
+index keys K from the indexer's own overlapping compressor and queries from the query latent,
+both rotated (YaRN rope). Invisible blocks (t >= (s + 1) // ratio) score -inf and, if chosen
+because fewer than k are visible, come back as index -1.
+DeepSeek's inference code rotates q and K with a Hadamard transform and simulates FP4 before
+scoring; the transform is orthogonal, so in float arithmetic the scores are the same and we
+skip it here (quantisation simulation belongs to model/quant.py).
+The input is detached: the language-model loss never trains the indexer; its own KL loss does.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .compressor import Compressor, visible_blocks
+from .config import ModelConfig
+from .layers import Linear, apply_rope
+
+
+class Indexer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int, rngs: nnx.Rngs):
+        self.ratio, self.topk = ratio, cfg.index_topk
+        h, k = cfg.index_n_heads, cfg.index_head_dim
+        self.compressor = Compressor(cfg, ratio, k, overlap=True, rngs=rngs)
+        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora", "index_heads", "index_head_dim"), cfg, rngs)
+        self.weights_proj = Linear((cfg.dim, h), ("embed", "index_heads"), cfg, rngs)
+        self.weight_scale = (k ** -0.5) * (h ** -0.5)
+
+    def scores(self, x_BSD, qr_BSQ, angles_SR, positions_S):
+        """Index scores [B, S, T] in float32, -inf where the block is not yet complete."""
+        x, qr = jax.lax.stop_gradient(x_BSD), jax.lax.stop_gradient(qr_BSQ)
+        keys_BTK = self.compressor(x, angles_SR)
+        q_BSHK = apply_rope(self.wq_b(qr, "bsq,qhk->bshk"), angles_SR)
+        w_BSH = self.weights_proj(x).astype(jnp.float32) * self.weight_scale
+        logits = jnp.einsum("bshk,btk->bsht", q_BSHK.astype(jnp.float32), keys_BTK)
+        scores = jnp.einsum("bsht,bsh->bst", jax.nn.relu(logits), w_BSH)
+        t = keys_BTK.shape[1]
+        visible = jnp.arange(t)[None, :] < visible_blocks(positions_S, self.ratio)[:, None]
+        return jnp.where(visible[None], scores, -jnp.inf)
+
+    def select(self, scores_BST, positions_S):
+        """Top-k block indices [B, S, k'] with k' = min(topk, T); -1 marks invisible picks."""
+        k = min(self.topk, scores_BST.shape[-1])
+        _, idx = jax.lax.top_k(scores_BST, k)
+        limit = visible_blocks(positions_S, self.ratio)[None, :, None]
+        return jnp.where(idx < limit, idx, -1)
+
+
+def indexer_kl(index_scores_BSJ, attn_probs_BSHJ, mask_BSJ):
+    """KL(p || softmax(I)) per query, averaged over queries that see at least one entry.
+
+    p is the main attention's probability mass on each candidate entry summed over heads and
+    L1-normalised over the candidates in `mask` (all visible blocks in the dense warm-up, the
+    selected top-k afterwards); p is a constant target (no gradient into the main model)."""
+    p = jnp.sum(jax.lax.stop_gradient(attn_probs_BSHJ), axis=2)
+    p = jnp.where(mask_BSJ, p, 0.0)
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    logq = jax.nn.log_softmax(jnp.where(mask_BSJ, index_scores_BSJ, -1e30), axis=-1)
+    terms = jnp.where(mask_BSJ & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0)
+    per_query = jnp.sum(terms, axis=-1)
+    valid = jnp.any(mask_BSJ, axis=-1)
+    return jnp.sum(jnp.where(valid, per_query, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

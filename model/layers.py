@@ -1,0 +1,111 @@
+"""Building blocks: parameters with logical axis names, RMSNorm, linear maps, rotary embedding.
+
+Legend: B batch, S sequence, D model dim, K head dim, R rope dim (last R dims of a head).
+Every parameter carries logical axis names in its `out_sharding` metadata (parallel/rules.py maps
+them to mesh axes); `eager_sharding=False` keeps the model free of any mesh.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+
+
+class RoutingBias(nnx.Variable):
+    """Per-expert selection bias: updated by the balancing rule, never by the optimiser."""
+
+
+class HashTable(nnx.Variable):
+    """Frozen token -> experts table of hash-routed layers (int32)."""
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def normal(rngs: nnx.Rngs, shape, axes, std: float, dtype="float32") -> nnx.Param:
+    assert len(axes) == len(shape), (shape, axes)
+    value = std * jax.random.normal(rngs.params(), shape, dtype_of(dtype))
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def constant(shape, axes, value: float, dtype="float32") -> nnx.Param:
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(jnp.full(shape, value, dtype_of(dtype)), sharding_names=tuple(axes),
+                     eager_sharding=False)
+
+
+def rms_normalize(x, eps: float):
+    """Weightless RMSNorm computed in float32, returned in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with an fp32 weight; the result is cast back to the input dtype."""
+
+    def __init__(self, size: int, eps: float, axis_name: str):
+        self.eps = eps
+        self.weight = constant((size,), (axis_name,), 1.0)
+
+    def __call__(self, x):
+        return (self.weight[...] * rms_normalize(x, self.eps)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ w with w stored [in..., out...]; computes in `dtype` (float32 for fp32 paths)."""
+
+    def __init__(self, shape, axes, cfg: ModelConfig, rngs: nnx.Rngs, dtype: str | None = None):
+        self.dtype = dtype or cfg.dtype
+        self.w = normal(rngs, tuple(shape), axes, cfg.init_std, cfg.param_dtype)
+
+    def __call__(self, x, spec: str = "...i,io->...o"):
+        dt = dtype_of(self.dtype)
+        return jnp.einsum(spec, x.astype(dt), self.w[...].astype(dt))
+
+
+# --- rotary embedding -------------------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig, compressed: bool):
+    """Inverse frequencies of the R/2 interleaved pairs. Layers with a compressor use
+    compress_rope_theta with YaRN interpolation (no attention-scale factor, as the reference);
+    window-only layers use plain rope_theta."""
+    dim = cfg.rope_head_dim
+    base = cfg.compress_rope_theta if compressed else cfg.rope_theta
+    freqs = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if not compressed or cfg.original_seq_len <= 0:
+        return freqs
+
+    def correction_dim(rotations):
+        return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1 = keep the original frequency (high-frequency pairs)
+    return freqs / cfg.rope_factor * (1.0 - keep) + freqs * keep
+
+
+def rope_angles(cfg: ModelConfig, positions, compressed: bool):
+    """Angles [..., R/2] for integer positions."""
+    return positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg, compressed)
+
+
+def apply_rope(x, angles, inverse: bool = False):
+    """Rotate the last R dims of x [B, S, R'] or [B, S, H, R'] (interleaved pairs) by `angles`
+    [S, R/2]. inverse=True applies the opposite rotation."""
+    r = angles.shape[-1] * 2
+    rest, rot = x[..., :-r], x[..., -r:].astype(jnp.float32)
+    if x.ndim == 4:  # broadcast over the head axis
+        angles = angles[:, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if inverse:
+        sin = -sin
+    even, odd = rot[..., 0::2], rot[..., 1::2]
+    out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(rot.shape)
+    return jnp.concatenate([rest, out.astype(x.dtype)], axis=-1)

@@ -1,0 +1,133 @@
+"""Mixture of experts: fp32 router (sqrt-softplus), selection bias, hash routing, shared expert.
+
+Legend: B batch, S sequence, N tokens (B*S), D model dim, E routed experts, F expert hidden,
+k experts per token.
+Scores s = score_func(x . W) in float32. Score-routed layers pick top-k of s + bias (the bias
+only selects); hash-routed layers take k experts from a frozen token -> experts table. Gate
+weights are the unbiased scores of the chosen experts, normalised to sum 1 (not for softmax
+scoring), times route_scale. Experts are SwiGLU with a clamp (up in [-L, L], gate <= L),
+computed in float32; the gate weight multiplies before the down projection. A token's
+contribution from every selected slot is added, even if a table repeats an expert.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import HashTable, Linear, RoutingBias, dtype_of, normal
+
+F32 = jnp.float32
+
+
+def balanced_hash_table(vocab: int, n_experts: int, k: int, seed: int) -> np.ndarray:
+    """A seeded token -> k distinct experts table in which every expert gets (almost) the same
+    number of (token, slot) pairs: rows are consecutive cuts of a stream of random permutations;
+    the few rows that straddle two permutations and repeat an expert are redrawn."""
+    rng = np.random.default_rng(seed)
+    n_perm = -(-vocab * k // n_experts)
+    stream = np.concatenate([rng.permutation(n_experts) for _ in range(n_perm)])
+    table = stream[: vocab * k].reshape(vocab, k).astype(np.int32)
+    srt = np.sort(table, axis=1)
+    for t in np.nonzero(np.any(srt[:, 1:] == srt[:, :-1], axis=1))[0]:
+        table[t] = rng.choice(n_experts, k, replace=False)
+    return table
+
+
+def score(logits, func: str):
+    if func == "sqrtsoftplus":
+        return jnp.sqrt(jax.nn.softplus(logits))
+    if func == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def swiglu(h_gate, h_up, limit: float):
+    h_gate, h_up = h_gate.astype(F32), h_up.astype(F32)
+    if limit > 0:
+        h_up = jnp.clip(h_up, -limit, limit)
+        h_gate = jnp.minimum(h_gate, limit)
+    return jax.nn.silu(h_gate) * h_up
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, hashed: bool, rngs: nnx.Rngs, layer_seed: int = 0):
+        self.cfg, self.hashed = cfg, hashed
+        e, d, f = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.gate = Linear((d, e), ("embed", "experts_router"), cfg, rngs, dtype="float32")
+        if hashed:
+            table = balanced_hash_table(cfg.vocab_size, e, cfg.n_activated_experts, cfg.hash_seed + layer_seed)
+            self.tid2eid = HashTable(jnp.asarray(table), sharding_names=("vocab", "topk"), eager_sharding=False)
+        else:
+            self.bias = RoutingBias(jnp.zeros((e,), F32), sharding_names=("experts_router",), eager_sharding=False)
+        std, pd = cfg.init_std, cfg.param_dtype
+        self.w1 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
+        self.w3 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
+        self.w2 = normal(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pd)
+        fs = f * cfg.n_shared_experts
+        self.shared_w1 = Linear((d, fs), ("embed", "mlp"), cfg, rngs)
+        self.shared_w3 = Linear((d, fs), ("embed", "mlp"), cfg, rngs)
+        self.shared_w2 = Linear((fs, d), ("mlp", "embed"), cfg, rngs)
+
+    def route(self, x_ND, ids_N):
+        """(expert ids [N, k], gate weights [N, k] fp32, scores [N, E] fp32)."""
+        cfg = self.cfg
+        s = score(self.gate(x_ND.astype(F32)), cfg.score_func)
+        if self.hashed:
+            idx = self.tid2eid[...][ids_N]
+        else:
+            _, idx = jax.lax.top_k(s + self.bias[...], cfg.n_activated_experts)
+        wts = jnp.take_along_axis(s, idx, axis=-1)
+        if cfg.score_func != "softmax":
+            wts = wts / jnp.sum(wts, axis=-1, keepdims=True)
+        return idx, wts * cfg.route_scale, s
+
+    def __call__(self, x_BSD, ids_BS):
+        """Returns (output [B, S, D], stats) with stats = dict(counts [E] tokens per expert,
+        f [B, E] and p [B, E] of the sequence-wise balance loss sum_i f_i * P_i)."""
+        cfg = self.cfg
+        b, s, d = x_BSD.shape
+        x = x_BSD.reshape(b * s, d)
+        idx, wts, scores = self.route(x, ids_BS.reshape(-1))
+        experts = self._ragged if cfg.moe_impl == "ragged" else self._dense
+        y = experts(x, idx, wts)
+        y = y + self.shared_w2(swiglu(self.shared_w1(x), self.shared_w3(x), cfg.swiglu_limit).astype(x.dtype))
+        return y.astype(x_BSD.dtype).reshape(b, s, d), self._stats(idx, scores, b, s)
+
+    def _stats(self, idx_Nk, scores_NE, b, s):
+        e, k = self.cfg.n_routed_experts, self.cfg.n_activated_experts
+        onehot = jax.nn.one_hot(idx_Nk, e, dtype=F32).sum(1).reshape(b, s, e)  # slots per expert
+        f = onehot.sum(1) * (e / (k * s))
+        p = (scores_NE / jnp.sum(scores_NE, -1, keepdims=True)).reshape(b, s, e).mean(1)
+        return {"counts": onehot.sum((0, 1)).astype(jnp.int32), "f": f, "p": p}
+
+    def _ragged(self, x_ND, idx_Nk, wts_Nk):
+        """Sort the N*k (token, slot) pairs by expert and run grouped matmuls (ragged_dot)."""
+        cfg = self.cfg
+        n, k = idx_Nk.shape
+        flat = idx_Nk.reshape(-1)
+        order = jnp.argsort(flat)
+        token = order // k
+        sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
+        dt = dtype_of(cfg.dtype)
+        xs = x_ND[token].astype(dt)
+        h = swiglu(jax.lax.ragged_dot(xs, self.w1[...].astype(dt), sizes, preferred_element_type=F32),
+                   jax.lax.ragged_dot(xs, self.w3[...].astype(dt), sizes, preferred_element_type=F32),
+                   cfg.swiglu_limit)
+        h = (h * wts_Nk.reshape(-1)[order][:, None]).astype(dt)
+        out = jax.lax.ragged_dot(h, self.w2[...].astype(dt), sizes, preferred_element_type=F32)
+        return jnp.zeros((n, x_ND.shape[1]), F32).at[token].add(out)
+
+    def _dense(self, x_ND, idx_Nk, wts_Nk):
+        """Reference: every expert on every token, combined with a one-hot gate matrix."""
+        cfg = self.cfg
+        dt = dtype_of(cfg.dtype)
+        x = x_ND.astype(dt)
+        gates = jnp.einsum("nk,nke->ne", wts_Nk, jax.nn.one_hot(idx_Nk, cfg.n_routed_experts, dtype=F32))
+        h = swiglu(jnp.einsum("nd,edf->nef", x, self.w1[...].astype(dt), preferred_element_type=F32),
+                   jnp.einsum("nd,edf->nef", x, self.w3[...].astype(dt), preferred_element_type=F32),
+                   cfg.swiglu_limit)
+        h = (h * gates[..., None]).astype(dt)
+        return jnp.einsum("nef,efd->nd", h, self.w2[...].astype(dt), preferred_element_type=F32)

@@ -1,0 +1,192 @@
+"""The DeepSeek-V4 network: blocks with mHC residual streams, scanned layer stacks, MTP heads.
+
+Legend: B batch, S sequence, N residual streams, D model dim, V vocab, E experts, L layers.
+
+Scanning mixed layers: a layer's *kind* is (compression ratio, hash routed). The layer list is
+cut greedily into segments, each a unit of 1..scan_max_period consecutive kinds repeated
+`count` times; a segment with count > 1 stores each unit position's parameters stacked on a
+leading `layers` axis and runs with one `nnx.scan` (one copy in the HLO whatever the count).
+V4-Flash becomes [2 x (window, hash)] [1 x (CSA, hash)] [20 x ((HCA), (CSA))]: three traced
+bodies for 43 layers. Every layer lands in exactly one segment (no leftover is dropped).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from .attention import Attention
+from .config import ModelConfig
+from .hyper import HyperConnection, HyperHead
+from .layers import Linear, RMSNorm, normal, rope_angles, dtype_of
+from .moe import MoE, balanced_hash_table
+
+F32 = jnp.float32
+Kind = tuple  # (ratio, hashed)
+
+
+def plan_segments(kinds: list[Kind], max_period: int) -> list[tuple[int, tuple[Kind, ...], int]]:
+    """Greedy cover of the layer list by (start, unit, count) segments, largest cover first."""
+    segments, i = [], 0
+    while i < len(kinds):
+        best = (1, 1)
+        for p in range(1, max_period + 1):
+            unit = kinds[i:i + p]
+            if len(unit) < p:
+                break
+            count = 1
+            while kinds[i + count * p: i + (count + 1) * p] == unit:
+                count += 1
+            if (count >= 2 or p == 1) and p * count > best[0] * best[1]:
+                best = (p, count)
+        p, count = best
+        segments.append((i, tuple(kinds[i:i + p]), count))
+        i += p * count
+    return segments
+
+
+@struct.dataclass
+class ModelAux:
+    """Extra outputs. Per-layer arrays have one row per main layer, then one per MTP block."""
+    mtp_logits: tuple            # n_mtp_layers x [B, S, V]; MTP block j predicts token t + j + 2
+    expert_counts: jax.Array     # [L, E] int32 (token, slot) pairs routed to each expert
+    balance_f: jax.Array         # [L, B, E] sequence-wise balance loss terms f_i ...
+    balance_p: jax.Array         # [L, B, E] ... and P_i; loss = alpha * mean_B sum_i f_i P_i
+    indexer_kl: jax.Array        # [L] indexer KL loss (0 on non-CSA layers)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, kind: Kind, rngs: nnx.Rngs):
+        ratio, hashed = kind
+        self.attn_hc = HyperConnection(cfg, rngs)
+        self.ffn_hc = HyperConnection(cfg, rngs)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
+        self.attn = Attention(cfg, ratio, rngs)
+        self.ffn = MoE(cfg, hashed, rngs)
+        self.compressed = ratio > 0
+
+    def __call__(self, x_BSND, ids_BS, positions_S, angles, dense_csa=False):
+        y, post, comb = self.attn_hc(x_BSND)
+        y, kl = self.attn(self.attn_norm(y), positions_S, angles[int(self.compressed)], dense_csa=dense_csa)
+        x_BSND = HyperConnection.merge(y, x_BSND, post, comb)
+        y, post, comb = self.ffn_hc(x_BSND)
+        y, stats = self.ffn(self.ffn_norm(y), ids_BS)
+        stats["kl"] = kl
+        return HyperConnection.merge(y, x_BSND, post, comb), stats
+
+
+class Segment(nnx.Module):
+    """`count` repetitions of a unit of consecutive layer kinds, scanned when count > 1."""
+
+    def __init__(self, cfg: ModelConfig, start: int, unit: tuple[Kind, ...], count: int, rngs: nnx.Rngs):
+        self.start, self.period, self.count = start, len(unit), count
+        blocks = []
+        for j, kind in enumerate(unit):
+            if count == 1:
+                blocks.append(Block(cfg, kind, rngs))
+            else:
+                blocks.append(_stacked_block(cfg, kind, count, rngs))
+            if kind[1]:  # hash-routed: one seeded table per layer
+                layers = [start + i * self.period + j for i in range(count)]
+                tables = [balanced_hash_table(cfg.vocab_size, cfg.n_routed_experts,
+                                              cfg.n_activated_experts, cfg.hash_seed + l) for l in layers]
+                blocks[-1].ffn.tid2eid.value = jnp.asarray(tables[0] if count == 1 else np.stack(tables))
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x, ids, positions, angles, dense_csa=False):
+        """Returns (x, per-layer stats stacked in layer order on a leading axis)."""
+        if self.count == 1:
+            outs = []
+            for blk in self.blocks:
+                x, st = blk(x, ids, positions, angles, dense_csa)
+                outs.append(st)
+            return x, jax.tree.map(lambda *v: jnp.stack(v), *outs)
+
+        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=(nnx.Carry, 0))
+        def body(blocks, x, ids, positions, angles):
+            outs = []
+            for blk in blocks:
+                x, st = blk(x, ids, positions, angles, dense_csa)
+                outs.append(st)
+            return x, jax.tree.map(lambda *v: jnp.stack(v), *outs)  # [period, ...]
+
+        x, st = body(tuple(self.blocks), x, ids, positions, angles)       # [count, period, ...]
+        return x, jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), st)
+
+
+def _stacked_block(cfg: ModelConfig, kind: Kind, count: int, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return Block(cfg, kind, r)
+
+    return make(rngs)
+
+
+class MTPBlock(nnx.Module):
+    """Predicts one token further: block(e_proj(norm(embed(next ids))) + h_proj(norm(streams)))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
+        self.e_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs)
+        self.h_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs)
+        self.block = Block(cfg, (0, False), rngs)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
+        self.hc_head = HyperHead(cfg, rngs)
+
+    def __call__(self, h_BSND, emb_BSD, ids_BS, positions, angles):
+        x = self.e_proj(self.enorm(emb_BSD))[:, :, None, :] + self.h_proj(self.hnorm(h_BSND))
+        x, stats = self.block(x.astype(h_BSND.dtype), ids_BS, positions, angles)
+        return x, self.norm(self.hc_head(x)), stats
+
+
+class Model(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = normal(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), 1.0, cfg.param_dtype)
+        kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
+        self.segments = nnx.List([Segment(cfg, start, unit, count, rngs)
+                                  for start, unit, count in plan_segments(kinds, cfg.scan_max_period)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
+        self.hc_head = HyperHead(cfg, rngs)
+        self.head = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg, rngs)
+        self.mtp = nnx.List([MTPBlock(cfg, rngs) for _ in range(cfg.n_mtp_layers)])
+
+    def logits(self, x_BSD):
+        return self.head(x_BSD).astype(F32)
+
+    def __call__(self, input_ids, *, dense_csa: bool = False):
+        """input_ids int32 [B, S] -> (logits [B, S, V] float32, ModelAux)."""
+        cfg = self.cfg
+        b, s = input_ids.shape
+        positions = jnp.arange(s)
+        angles = (rope_angles(cfg, positions, False), rope_angles(cfg, positions, True))
+        emb = self.embed[...][input_ids].astype(dtype_of(cfg.dtype))
+        x = jnp.broadcast_to(emb[:, :, None, :], (b, s, cfg.hc_mult, cfg.dim))
+        stats = []
+        for seg in self.segments:
+            x, st = seg(x, input_ids, positions, angles, dense_csa)
+            stats.append(st)
+        logits = self.logits(self.norm(self.hc_head(x)))
+        mtp_logits, ids = [], input_ids
+        for mtp in self.mtp:
+            ids = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)  # next tokens
+            emb_next = self.embed[...][ids].astype(emb.dtype)
+            x, h, st = mtp(x, emb_next, ids, positions, angles)
+            mtp_logits.append(self.logits(h))
+            stats.append(jax.tree.map(lambda v: v[None], st))
+        st = jax.tree.map(lambda *v: jnp.concatenate(v), *stats)
+        return logits, ModelAux(tuple(mtp_logits), st["counts"], st["f"], st["p"], st["kl"])
+
+
+def build(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Model:
+    """A randomly initialised model (parameters in cfg.param_dtype)."""
+    return Model(cfg, rngs)
+
+
+def abstract(cfg: ModelConfig) -> Model:
+    """The model's structure with ShapeDtypeStruct leaves: no memory, any size."""
+    return nnx.eval_shape(lambda: Model(cfg, nnx.Rngs(0)))
