@@ -1,0 +1,217 @@
+"""Hugging Face DeepSeek-V4 interop: config.json -> ModelConfig, HF tensors -> an NNX model.
+
+HF stores Linear weights [out, in]; ours are [in, out] (heads / groups / experts split out).
+HF checkpoints carry no MTP block (transformers drops `mtp.*`); if a tensor dict has
+`mtp.{j}.` names (decoder-layer names plus e_proj, h_proj, enorm, hnorm, norm, hc_head.*),
+they fill MTP block j, and then every MTP name must be present.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+
+_LAYER_TYPE_RATIO_KEYS = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
+    """ModelConfig from the content of a HF DeepSeek-V4 config.json (both the `layer_types` +
+    `compress_rates` spelling and DeepSeek's per-layer `compress_ratios`)."""
+    n = hf.get("num_hidden_layers", 43)
+    if hf.get("num_key_value_heads", 1) != 1:
+        raise ConfigError("num_key_value_heads: DeepSeek-V4 uses one shared K=V head; got "
+                          f"{hf['num_key_value_heads']}")
+    rates = dict(_LAYER_TYPE_RATIO_KEYS)
+    rates.update(hf.get("compress_rates") or {})
+    for key, name in (("compress_rate_csa", "compressed_sparse_attention"),
+                      ("compress_rate_hca", "heavily_compressed_attention")):
+        if key in hf:
+            rates[name] = hf[key]
+    if hf.get("layer_types") is not None:
+        ratios = [0 if t == "sliding_attention" else rates[t] for t in hf["layer_types"]]
+    elif hf.get("compress_ratios") is not None:
+        ratios = list(hf["compress_ratios"])[:n]  # DeepSeek lists the MTP layer(s) last
+    else:  # transformers' default schedule: 2 HCA, then CSA / HCA alternating
+        ratios = [rates["heavily_compressed_attention"]] * min(n, 2) + [
+            rates["compressed_sparse_attention"] if i % 2 else rates["heavily_compressed_attention"]
+            for i in range(max(n - 2, 0))]
+    if hf.get("mlp_layer_types") is not None:
+        kinds = list(hf["mlp_layer_types"])
+        n_hash = kinds.count("hash_moe")
+        if kinds[:n_hash] != ["hash_moe"] * n_hash:
+            raise ConfigError("mlp_layer_types: hash_moe layers must come first")
+    else:
+        n_hash = hf.get("num_hash_layers", 3)
+    head_dim = hf.get("head_dim", 512)
+    rope_dim = hf.get("qk_rope_head_dim") or int(head_dim * hf.get("partial_rotary_factor", 64 / 512))
+    yarn = dict(hf.get("rope_scaling") or {})
+    rp = hf.get("rope_parameters") or {}
+    if isinstance(rp.get("compress"), dict):
+        yarn = rp["compress"]
+    is_yarn = yarn.get("rope_type", yarn.get("type")) == "yarn"
+    if not hf.get("norm_topk_prob", True):
+        raise ConfigError("norm_topk_prob: only normalised top-k gate weights are supported")
+    fields = dict(
+        vocab_size=hf.get("vocab_size", 129280), dim=hf.get("hidden_size", 4096), n_layers=n,
+        n_heads=hf.get("num_attention_heads", 64), head_dim=head_dim, rope_head_dim=rope_dim,
+        q_lora_rank=hf.get("q_lora_rank", 1024), o_groups=hf.get("o_groups", 8),
+        o_lora_rank=hf.get("o_lora_rank", 1024), window_size=hf.get("sliding_window", 128),
+        compress_ratios=tuple(ratios), csa_ratio=rates["compressed_sparse_attention"],
+        index_n_heads=hf.get("index_n_heads", 64), index_head_dim=hf.get("index_head_dim", 128),
+        index_topk=hf.get("index_topk", 512), rope_theta=float(hf.get("rope_theta", 10000.0)),
+        compress_rope_theta=float(yarn.get("rope_theta", hf.get("compress_rope_theta", 160000.0))),
+        rope_factor=float(yarn.get("factor", 16.0)),
+        original_seq_len=int(yarn.get("original_max_position_embeddings", 65536)) if is_yarn else 0,
+        beta_fast=float(yarn.get("beta_fast", 32)), beta_slow=float(yarn.get("beta_slow", 1)),
+        n_routed_experts=hf.get("n_routed_experts", 256), n_shared_experts=hf.get("n_shared_experts", 1),
+        n_activated_experts=hf.get("num_experts_per_tok", 6),
+        moe_inter_dim=hf.get("moe_intermediate_size", 2048), n_hash_layers=n_hash,
+        score_func=hf.get("scoring_func", "sqrtsoftplus"),
+        route_scale=float(hf.get("routed_scaling_factor", 1.5)),
+        swiglu_limit=float(hf.get("swiglu_limit", 10.0)), hc_mult=hf.get("hc_mult", 4),
+        hc_sinkhorn_iters=hf.get("hc_sinkhorn_iters", 20), hc_eps=float(hf.get("hc_eps", 1e-6)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        n_mtp_layers=hf.get("num_nextn_predict_layers", 1),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+# --- weights ----------------------------------------------------------------------------
+def _t(x):
+    return x.T
+
+
+def _heads(*tail):
+    return lambda x: x.T.reshape(x.shape[1], *tail)
+
+
+def _layer_rules(cfg: ModelConfig, ratio: int, hashed: bool) -> dict[str, tuple[str, Callable]]:
+    """HF name suffix inside a decoder layer -> (attribute path in our Block, transform)."""
+    h, k, g, o = cfg.n_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
+    f = cfg.moe_inter_dim
+    same = lambda x: x  # noqa: E731
+    rules = {
+        "input_layernorm.weight": ("attn_norm.weight", same),
+        "post_attention_layernorm.weight": ("ffn_norm.weight", same),
+        "self_attn.q_a_proj.weight": ("attn.wq_a.w", _t),
+        "self_attn.q_a_norm.weight": ("attn.q_norm.weight", same),
+        "self_attn.q_b_proj.weight": ("attn.wq_b.w", _heads(h, k)),
+        "self_attn.kv_proj.weight": ("attn.wkv.w", _t),
+        "self_attn.kv_norm.weight": ("attn.kv_norm.weight", same),
+        "self_attn.o_a_proj.weight": ("attn.wo_a.w", lambda x: x.reshape(g, o, -1).transpose(0, 2, 1)),
+        "self_attn.o_b_proj.weight": ("attn.wo_b.w", lambda x: x.T.reshape(g, o, -1)),
+        "self_attn.sinks": ("attn.sink", same),
+        "mlp.gate.weight": ("ffn.gate.w", _t),
+        "mlp.experts.gate_up_proj": ("ffn.w1|ffn.w3", lambda x: (x[:, :f].transpose(0, 2, 1),
+                                                                x[:, f:].transpose(0, 2, 1))),
+        "mlp.experts.down_proj": ("ffn.w2", lambda x: x.transpose(0, 2, 1)),
+        "mlp.shared_experts.gate_proj.weight": ("ffn.shared_w1.w", _t),
+        "mlp.shared_experts.up_proj.weight": ("ffn.shared_w3.w", _t),
+        "mlp.shared_experts.down_proj.weight": ("ffn.shared_w2.w", _t),
+    }
+    for hc in ("attn_hc", "ffn_hc"):
+        rules[f"{hc}.fn"] = (f"{hc}.fn", _t)
+        rules[f"{hc}.base"] = (f"{hc}.base", same)
+        rules[f"{hc}.scale"] = (f"{hc}.scale", same)
+    rules["mlp.gate.tid2eid" if hashed else "mlp.gate.e_score_correction_bias"] = (
+        "ffn.tid2eid" if hashed else "ffn.bias", same)
+    if ratio:
+        comp = {"kv_proj.weight": ("wkv.w", _t), "gate_proj.weight": ("wgate.w", _t),
+                "position_bias": ("ape", same), "kv_norm.weight": ("norm.weight", same)}
+        for name, (path, fn) in comp.items():
+            rules[f"self_attn.compressor.{name}"] = (f"attn.compressor.{path}", fn)
+        if cfg.is_csa(ratio):
+            for name, (path, fn) in comp.items():
+                rules[f"self_attn.compressor.indexer.{name}"] = (f"attn.indexer.compressor.{path}", fn)
+            rules["self_attn.compressor.indexer.q_b_proj.weight"] = (
+                "attn.indexer.wq_b.w", _heads(cfg.index_n_heads, cfg.index_head_dim))
+            rules["self_attn.compressor.indexer.scorer.weights_proj.weight"] = ("attn.indexer.weights_proj.w", _t)
+    return rules
+
+
+def _hc_head_rules(prefix: str, target: str) -> dict:
+    return {f"{prefix}hc_fn": (f"{target}.fn", _t), f"{prefix}hc_base": (f"{target}.base", lambda x: x),
+            f"{prefix}hc_scale": (f"{target}.scale", lambda x: x)}
+
+
+def _targets(model) -> dict[str, tuple[Any, int | None, str, Callable]]:
+    """Every expected HF name -> (module, stack index or None, attribute path, transform)."""
+    cfg = model.cfg
+    out = {"model.embed_tokens.weight": (model, None, "embed", lambda x: x),
+           "model.norm.weight": (model, None, "norm.weight", lambda x: x),
+           "lm_head.weight": (model, None, "head.w", _t)}
+    for name, (path, fn) in _hc_head_rules("model.hc_head.", "hc_head").items():
+        out[name] = (model, None, path, fn)
+    for seg in model.segments:
+        for j, blk in enumerate(seg.blocks):
+            for i in range(seg.count):
+                layer = seg.start + i * seg.period + j
+                rules = _layer_rules(cfg, *cfg.layer_kind(layer))
+                for suffix, (path, fn) in rules.items():
+                    out[f"model.layers.{layer}.{suffix}"] = (blk, i if seg.count > 1 else None, path, fn)
+    return out
+
+
+def _mtp_targets(model) -> dict:
+    out = {}
+    for j, mtp in enumerate(model.mtp):
+        p = f"mtp.{j}."
+        for suffix, (path, fn) in _layer_rules(model.cfg, 0, False).items():
+            out[p + suffix] = (mtp, None, "block." + path, fn)
+        for name in ("e_proj", "h_proj"):
+            out[f"{p}{name}.weight"] = (mtp, None, f"{name}.w", _t)
+        for name in ("enorm", "hnorm", "norm"):
+            out[f"{p}{name}.weight"] = (mtp, None, f"{name}.weight", lambda x: x)
+        for name, (path, fn) in _hc_head_rules(p + "hc_head.", "hc_head").items():
+            out[name] = (mtp, None, path, fn)
+    return out
+
+
+def _resolve(module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def load_hf_weights(model, tensors: Mapping[str, np.ndarray]) -> None:
+    """Fill `model` in place from HF parameter names. Unknown or missing names raise, listing
+    them; a shape mismatch names the parameter and both shapes."""
+    targets = _targets(model)
+    if any(name.startswith("mtp.") for name in tensors):
+        targets.update(_mtp_targets(model))
+    unknown = sorted(set(tensors) - set(targets))
+    missing = sorted(set(targets) - set(tensors))
+    if unknown or missing:
+        raise KeyError(f"load_hf_weights: unknown names {unknown[:20]}{' ...' if len(unknown) > 20 else ''}; "
+                       f"missing names {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    pending: dict[int, tuple[Any, np.ndarray]] = {}
+    for name, (module, index, path, fn) in targets.items():
+        values = fn(np.asarray(tensors[name]))
+        paths = path.split("|")
+        values = values if len(paths) > 1 else (values,)
+        for p, v in zip(paths, values):
+            var = _resolve(module, p)
+            if id(var) not in pending:
+                pending[id(var)] = (var, np.array(var.value))
+            arr = pending[id(var)][1]
+            want = arr.shape if index is None else arr.shape[1:]
+            if tuple(v.shape) != tuple(want):
+                raise ValueError(f"load_hf_weights: {name} has shape {tuple(v.shape)} (after layout "
+                                 f"change) but {p} expects {tuple(want)}")
+            if index is None:
+                arr[...] = v
+            else:
+                arr[index] = v
+    for var, arr in pending.values():
+        var.value = jnp.asarray(arr, dtype=var.value.dtype)
+
+
+def hf_layer_index(name: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
