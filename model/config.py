@@ -178,13 +178,24 @@ PRESETS: dict[str, ModelConfig] = {
                           n_routed_experts=384, n_activated_experts=6, moe_inter_dim=3072,
                           route_scale=2.5),
     # The seed article's 1T model: V4 architecture, widths between Flash and Pro.
-    # 1.01T without MTP (1.03T with), 33B active.
+    # 0.999T without MTP (1.016T with), 33B active.
     "v4-1t": ModelConfig(**_SHARED_V4, dim=6144, n_layers=61, n_heads=96, q_lora_rank=1536,
                          o_groups=12, o_lora_rank=1024,
                          compress_ratios=(128, 128) + (4, 128) * 29 + (4,), index_topk=1024,
-                         n_routed_experts=384, n_activated_experts=6, moe_inter_dim=2304,
+                         n_routed_experts=384, n_activated_experts=6, moe_inter_dim=2272,
                          route_scale=2.5),
 }
+
+
+def load_yaml(path) -> ModelConfig:
+    """A ModelConfig from a YAML file of fields (optionally `preset: NAME` plus overrides)."""
+    import yaml
+
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of ModelConfig fields")
+    return ModelConfig.from_dict(content)
 
 
 def preset(name: str, **overrides) -> ModelConfig:

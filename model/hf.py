@@ -7,7 +7,6 @@ they fill MTP block j, and then every MTP name must be present.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
@@ -198,7 +197,7 @@ def load_hf_weights(model, tensors: Mapping[str, np.ndarray]) -> None:
         for p, v in zip(paths, values):
             var = _resolve(module, p)
             if id(var) not in pending:
-                pending[id(var)] = (var, np.array(var.value))
+                pending[id(var)] = (var, np.array(var.get_value()))
             arr = pending[id(var)][1]
             want = arr.shape if index is None else arr.shape[1:]
             if tuple(v.shape) != tuple(want):
@@ -209,9 +208,5 @@ def load_hf_weights(model, tensors: Mapping[str, np.ndarray]) -> None:
             else:
                 arr[index] = v
     for var, arr in pending.values():
-        var.value = jnp.asarray(arr, dtype=var.value.dtype)
+        var.set_value(jnp.asarray(arr, dtype=arr.dtype))
 
-
-def hf_layer_index(name: str) -> int | None:
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None

@@ -30,12 +30,12 @@ def dtype_of(name: str):
 def normal(rngs: nnx.Rngs, shape, axes, std: float, dtype="float32") -> nnx.Param:
     assert len(axes) == len(shape), (shape, axes)
     value = std * jax.random.normal(rngs.params(), shape, dtype_of(dtype))
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def constant(shape, axes, value: float, dtype="float32") -> nnx.Param:
     assert len(axes) == len(shape), (shape, axes)
-    return nnx.Param(jnp.full(shape, value, dtype_of(dtype)), sharding_names=tuple(axes),
+    return nnx.Param(jnp.full(shape, value, dtype_of(dtype)), out_sharding=tuple(axes),
                      eager_sharding=False)
 
 

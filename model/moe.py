@@ -59,9 +59,9 @@ class MoE(nnx.Module):
         self.gate = Linear((d, e), ("embed", "experts_router"), cfg, rngs, dtype="float32")
         if hashed:
             table = balanced_hash_table(cfg.vocab_size, e, cfg.n_activated_experts, cfg.hash_seed + layer_seed)
-            self.tid2eid = HashTable(jnp.asarray(table), sharding_names=("vocab", "topk"), eager_sharding=False)
+            self.tid2eid = HashTable(jnp.asarray(table), out_sharding=("vocab", "topk"), eager_sharding=False)
         else:
-            self.bias = RoutingBias(jnp.zeros((e,), F32), sharding_names=("experts_router",), eager_sharding=False)
+            self.bias = RoutingBias(jnp.zeros((e,), F32), out_sharding=("experts_router",), eager_sharding=False)
         std, pd = cfg.init_std, cfg.param_dtype
         self.w1 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w3 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)

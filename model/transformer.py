@@ -92,7 +92,7 @@ class Segment(nnx.Module):
                 layers = [start + i * self.period + j for i in range(count)]
                 tables = [balanced_hash_table(cfg.vocab_size, cfg.n_routed_experts,
                                               cfg.n_activated_experts, cfg.hash_seed + l) for l in layers]
-                blocks[-1].ffn.tid2eid.value = jnp.asarray(tables[0] if count == 1 else np.stack(tables))
+                blocks[-1].ffn.tid2eid.set_value(jnp.asarray(tables[0] if count == 1 else np.stack(tables)))
         self.blocks = nnx.List(blocks)
 
     def __call__(self, x, ids, positions, angles, dense_csa=False):
@@ -180,6 +180,19 @@ class Model(nnx.Module):
             stats.append(jax.tree.map(lambda v: v[None], st))
         st = jax.tree.map(lambda *v: jnp.concatenate(v), *stats)
         return logits, ModelAux(tuple(mtp_logits), st["counts"], st["f"], st["p"], st["kl"])
+
+
+def layer_block(model: Model, layer: int) -> Block:
+    """Main layer `layer` as a standalone Block (sliced out of its stack when scanned)."""
+    for seg in model.segments:
+        if seg.start <= layer < seg.start + seg.period * seg.count:
+            i, j = divmod(layer - seg.start, seg.period)
+            blk = seg.blocks[j]
+            if seg.count == 1:
+                return blk
+            graphdef, state = nnx.split(blk)
+            return nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
+    raise IndexError(f"layer {layer} out of range (n_layers={model.cfg.n_layers})")
 
 
 def build(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Model:
