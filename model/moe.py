@@ -23,17 +23,18 @@ F32 = jnp.float32
 
 
 def balanced_hash_table(vocab: int, n_experts: int, k: int, seed: int) -> np.ndarray:
-    """A seeded token -> k distinct experts table in which every expert gets (almost) the same
-    number of (token, slot) pairs: rows are consecutive cuts of a stream of random permutations;
-    the few rows that straddle two permutations and repeat an expert are redrawn."""
+    """A seeded token -> k distinct experts table with every expert used equally often.
+
+    Tokens come in groups of E: a group gets a random permutation `base` of the experts and
+    k distinct random offsets o_j, and token i of the group takes experts (base_i + o_j) mod E.
+    Each column of a full group is a permutation, so every expert gets exactly k slots per
+    group; distinct offsets keep a row's experts distinct; fresh offsets per group vary the
+    expert sets across groups."""
     rng = np.random.default_rng(seed)
-    n_perm = -(-vocab * k // n_experts)
-    stream = np.concatenate([rng.permutation(n_experts) for _ in range(n_perm)])
-    table = stream[: vocab * k].reshape(vocab, k).astype(np.int32)
-    srt = np.sort(table, axis=1)
-    for t in np.nonzero(np.any(srt[:, 1:] == srt[:, :-1], axis=1))[0]:
-        table[t] = rng.choice(n_experts, k, replace=False)
-    return table
+    groups = -(-vocab // n_experts)
+    base = np.concatenate([rng.permutation(n_experts) for _ in range(groups)])[:vocab]
+    offsets = np.stack([rng.choice(n_experts, k, replace=False) for _ in range(groups)])
+    return ((base[:, None] + offsets[np.arange(vocab) // n_experts]) % n_experts).astype(np.int32)
 
 
 def score(logits, func: str):

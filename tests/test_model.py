@@ -1,0 +1,201 @@
+"""Behaviour of the model beyond HF parity: causality, MTP, scanning, routing, losses' inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import abstract, build, plan_segments, preset
+from model.indexer import indexer_kl
+from model.moe import MoE, balanced_hash_table
+from model.transformer import layer_block
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset("tiny")
+    m = build(cfg, rngs=nnx.Rngs(0))
+    fwd = nnx.jit(lambda m, ids: m(ids))
+    return cfg, m, fwd
+
+
+def rand_ids(cfg, b, s, seed):
+    return jax.random.randint(jax.random.key(seed), (b, s), 0, cfg.vocab_size, jnp.int32)
+
+
+def test_causal_and_mtp_sees_one_token_ahead(tiny):
+    cfg, m, fwd = tiny
+    ids = rand_ids(cfg, 2, 48, 0)
+    logits, aux = fwd(m, ids)
+    assert logits.shape == (2, 48, cfg.vocab_size) and len(aux.mtp_logits) == cfg.n_mtp_layers
+    assert aux.mtp_logits[0].shape == logits.shape
+    t = 29
+    later = ids.at[:, t + 1:].set((ids[:, t + 1:] + 7) % cfg.vocab_size)
+    logits2, aux2 = fwd(m, later)
+    np.testing.assert_allclose(logits2[:, :t + 1], logits[:, :t + 1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits2[:, t + 1:], logits[:, t + 1:], atol=1e-3)
+    # MTP logits at position t predict token t + 2 from tokens <= t + 1
+    np.testing.assert_allclose(aux2.mtp_logits[0][:, :t], aux.mtp_logits[0][:, :t], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(aux2.mtp_logits[0][:, t], aux.mtp_logits[0][:, t], atol=1e-3)
+    only_next = ids.at[:, t + 2:].set((ids[:, t + 2:] + 7) % cfg.vocab_size)
+    _, aux3 = fwd(m, only_next)
+    np.testing.assert_allclose(aux3.mtp_logits[0][:, :t + 1], aux.mtp_logits[0][:, :t + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_router_statistics(tiny):
+    cfg, m, fwd = tiny
+    ids = rand_ids(cfg, 2, 48, 1)
+    _, aux = fwd(m, ids)
+    n_layers = cfg.n_layers + cfg.n_mtp_layers
+    assert aux.expert_counts.shape == (n_layers, cfg.n_routed_experts)
+    np.testing.assert_array_equal(aux.expert_counts.sum(-1), 2 * 48 * cfg.n_activated_experts)
+    # f_i sums to E over experts for every sequence; P_i is a distribution
+    np.testing.assert_allclose(aux.balance_f.sum(-1), cfg.n_routed_experts, rtol=1e-5)
+    np.testing.assert_allclose(aux.balance_p.sum(-1), 1.0, rtol=1e-5)
+    kl = np.asarray(aux.indexer_kl)
+    csa = np.array([cfg.is_csa(r) for r in cfg.compress_ratios] + [False] * cfg.n_mtp_layers)
+    assert (kl[csa] > 0).all() and (kl[~csa] == 0).all()
+
+
+def test_balance_terms_by_hand():
+    cfg = preset("tiny", dtype="float32")
+    moe = MoE(cfg, hashed=False, rngs=nnx.Rngs(3))
+    moe.bias.set_value(jnp.linspace(-0.5, 0.5, cfg.n_routed_experts))
+    x = jax.random.normal(jax.random.key(0), (2, 10, cfg.dim))
+    _, st = moe(x, jnp.zeros((2, 10), jnp.int32))
+    s = np.sqrt(np.log1p(np.exp(np.asarray(x).reshape(-1, cfg.dim) @ np.asarray(moe.gate.w[...]))))
+    top = np.argsort(-(s + np.asarray(moe.bias[...])), -1)[:, :cfg.n_activated_experts]
+    e, k = cfg.n_routed_experts, cfg.n_activated_experts
+    hits = np.zeros((2, e))
+    for n, row in enumerate(top):
+        hits[n // 10, row] += 1
+    np.testing.assert_allclose(st["f"], hits * e / (k * 10), rtol=1e-6)
+    np.testing.assert_allclose(st["p"], (s / s.sum(-1, keepdims=True)).reshape(2, 10, e).mean(1), rtol=1e-5)
+    np.testing.assert_array_equal(st["counts"], hits.sum(0))
+
+
+def test_ragged_equals_dense_with_repeated_experts():
+    cfg = preset("tiny", dtype="float32")
+    ragged = MoE(cfg, hashed=True, rngs=nnx.Rngs(5))
+    table = np.asarray(ragged.tid2eid[...]).copy()
+    table[:, 1] = table[:, 0]  # every token picks its first expert twice
+    ragged.tid2eid.set_value(jnp.asarray(table))
+    dense = MoE(cfg.replace(moe_impl="dense"), hashed=True, rngs=nnx.Rngs(5))
+    dense.tid2eid.set_value(jnp.asarray(table))
+    x = jax.random.normal(jax.random.key(1), (2, 12, cfg.dim))
+    ids = rand_ids(cfg, 2, 12, 2)
+
+    def loss(moe, x):
+        return jnp.sum(moe(x, ids)[0] ** 2)
+
+    (la, ga), (lb, gb) = (nnx.value_and_grad(loss)(mo, x) for mo in (ragged, dense))
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(ga, nnx.Param)), jax.tree.leaves(nnx.state(gb, nnx.Param))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # both slots add: a repeated expert counts twice, with half of the route scale each
+    idx, w, _ = ragged.route(x.reshape(-1, cfg.dim), ids.reshape(-1))
+    np.testing.assert_allclose(w, cfg.route_scale / 2, rtol=1e-6)
+    xs, e = np.asarray(x[0, 0], np.float64), int(table[int(ids[0, 0]), 0])
+
+    def swiglu_np(x, w1, w3, w2):
+        g, u = x @ w1, np.clip(x @ w3, -cfg.swiglu_limit, cfg.swiglu_limit)
+        g = np.minimum(g, cfg.swiglu_limit)
+        return (g / (1 + np.exp(-g)) * u) @ w2
+
+    p = {k: np.asarray(v[...], np.float64) for k, v in vars(ragged).items() if hasattr(v, "get_value")}
+    want = cfg.route_scale * swiglu_np(xs, p["w1"][e], p["w3"][e], p["w2"][e]) + swiglu_np(
+        xs, ragged.shared_w1.w[...], ragged.shared_w3.w[...], ragged.shared_w2.w[...])
+    np.testing.assert_allclose(ragged(x, ids)[0][0, 0], want, rtol=1e-4, atol=1e-6)
+
+
+def test_hash_tables_balanced_distinct_and_per_layer():
+    t = balanced_hash_table(1000, 16, 6, seed=0)
+    assert all(len(set(r)) == 6 for r in t.tolist())
+    counts = np.bincount(t.ravel(), minlength=16)
+    assert counts.max() - counts.min() <= 6  # exact per full group of 16 tokens; 1000 = 62 x 16 + 8
+    assert len({tuple(sorted(r)) for r in t.tolist()}) > 100  # varied expert sets
+    cfg = preset("tiny")
+    real = build(cfg, rngs=nnx.Rngs(0))
+    tables = [np.asarray(layer_block(real, i).ffn.tid2eid[...]) for i in range(cfg.n_hash_layers)]
+    assert not np.array_equal(tables[0], tables[1])
+
+
+def test_indexer_input_is_detached_and_kl_trains_only_the_indexer(tiny):
+    cfg, m, _ = tiny
+    ids = rand_ids(cfg, 1, 32, 4)
+
+    def ce(m):
+        logits, _ = m(ids)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[..., None], -1)[..., 0])
+
+    def kl(m):
+        return jnp.sum(m(ids)[1].indexer_kl)
+
+    graphdef, _, rest = nnx.split(m, nnx.Param, ...)
+    grads = nnx.jit(lambda m: (nnx.grad(ce)(m), nnx.grad(kl)(m)))(m)
+    g_ce, g_kl = (nnx.merge(graphdef, g, rest) for g in grads)
+    blk = 1  # a CSA layer
+    assert cfg.is_csa(cfg.compress_ratios[blk])
+    ce_idx = layer_block(g_ce, blk).attn.indexer
+    kl_blk = layer_block(g_kl, blk)
+    assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(nnx.state(ce_idx, nnx.Param)))
+    assert float(jnp.abs(kl_blk.attn.indexer.wq_b.w[...]).max()) > 0
+    assert float(jnp.abs(kl_blk.attn.wq_b.w[...]).max()) == 0  # target is detached
+    for leaf in jax.tree.leaves(nnx.state(g_ce, nnx.Param)):
+        assert jnp.isfinite(leaf).all()
+
+
+def test_indexer_kl_by_hand():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(1, 3, 5)).astype(np.float32)
+    probs = rng.uniform(size=(1, 3, 2, 5)).astype(np.float32)
+    mask = np.array([[[1, 1, 0, 0, 0], [1, 1, 1, 0, 1], [0, 0, 0, 0, 0]]], bool)
+    got = float(indexer_kl(jnp.asarray(scores), jnp.asarray(probs), jnp.asarray(mask)))
+    want = []
+    for q in range(2):
+        sel = mask[0, q]
+        p = probs[0, q].sum(0)[sel].astype(np.float64)
+        p /= p.sum()
+        s = scores[0, q][sel].astype(np.float64)
+        logq = s - np.log(np.exp(s).sum())
+        want.append(np.sum(p * (np.log(p) - logq)))
+    assert got == pytest.approx(np.mean(want), rel=1e-5)
+
+
+def test_sparse_csa_equals_dense_when_topk_covers_all_blocks():
+    cfg = preset("tiny", index_topk=64, n_mtp_layers=0)
+    m = build(cfg, rngs=nnx.Rngs(2))
+    ids = rand_ids(cfg, 2, 40, 5)
+    fwd = nnx.jit(lambda m, ids, dense: m(ids, dense_csa=dense), static_argnums=2)
+    (a, aux_a), (b, aux_b) = fwd(m, ids, False), fwd(m, ids, True)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    small = preset("tiny", n_mtp_layers=0)  # top-4 of up to 10 blocks: sparse now differs
+    ms = build(small, rngs=nnx.Rngs(2))
+    (c, _), (d, aux_d) = fwd(ms, ids, False), fwd(ms, ids, True)
+    assert not np.allclose(c, d, atol=1e-4)
+    assert np.isfinite(np.asarray(aux_d.indexer_kl)).all()
+
+
+def test_scan_plan_covers_every_layer():
+    flash = preset("v4-flash")
+    kinds = [flash.layer_kind(i) for i in range(flash.n_layers)]
+    plan = plan_segments(kinds, 4)
+    assert plan == [(0, ((0, True),), 2), (2, ((4, True),), 1), (3, ((128, False), (4, False)), 20)]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        kinds = [tuple(k) for k in rng.integers(0, 3, (rng.integers(1, 30), 2)).tolist()]
+        flat = [k for start, unit, count in plan_segments(kinds, 4) for _ in range(count) for k in unit]
+        assert flat == kinds  # in order, nothing dropped, nothing added
+    assert plan_segments(list("ababa"), 4) == [(0, ("a", "b"), 2), (4, ("a",), 1)]
+
+
+def test_hlo_does_not_grow_with_layers():
+    def hlo_size(n_layers):
+        cfg = preset("tiny", n_layers=n_layers, compress_ratios=(0, 0) + (4, 16) * ((n_layers - 2) // 2),
+                     n_mtp_layers=0)
+        graphdef, state = nnx.split(abstract(cfg))
+        f = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids)[0])
+        return len(f.lower(state, jax.ShapeDtypeStruct((1, 32), jnp.int32)).as_text())
+
+    small, big = hlo_size(6), hlo_size(22)
+    assert big < 1.1 * small
