@@ -4,11 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test train venv clean
+.PHONY: test train bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -21,6 +20,9 @@ test: $(STAMP)
 train: $(STAMP)
 	@if [ -f train/__main__.py ]; then $(PY) -m train --config configs/tiny.yaml; \
 	else echo "make train: the training loop (train/) is not built yet; see README 'Status'"; exit 2; fi
+
+bench: $(STAMP)
+	$(PY) bench/mesh_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,7 +18,7 @@ from flax import nnx
 from .compressor import Compressor, visible_blocks
 from .config import ModelConfig
 from .indexer import Indexer, indexer_kl
-from .layers import Linear, RMSNorm, apply_rope, constant, rms_normalize
+from .layers import Linear, RMSNorm, apply_rope, constant, constrain, rms_normalize
 
 F32 = jnp.float32
 
@@ -49,7 +49,7 @@ class Attention(nnx.Module):
         h, k, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
         self.wq_a = Linear((cfg.dim, cfg.q_lora_rank), ("embed", "q_lora"), cfg, rngs)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora")
-        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora", "heads", "head_dim"), cfg, rngs)
+        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora_in", "heads", "head_dim"), cfg, rngs)
         self.wkv = Linear((cfg.dim, k), ("embed", "head_dim"), cfg, rngs)
         self.kv_norm = RMSNorm(k, cfg.norm_eps, "head_dim")
         self.wo_a = Linear((g, h // g * k, cfg.o_lora_rank), ("o_groups", "o_group_in", "o_lora"), cfg, rngs)
@@ -62,7 +62,8 @@ class Attention(nnx.Module):
         """Returns (output [B, S, D], indexer KL loss scalar (0 on non-CSA layers))."""
         cfg = self.cfg
         qr = self.q_norm(self.wq_a(x_BSD))
-        q = rms_normalize(self.wq_b(qr, "bsq,qhk->bshk"), cfg.norm_eps).astype(x_BSD.dtype)
+        q = constrain(self.wq_b(qr, "bsq,qhk->bshk"), ("batch", "act_seq", "act_heads", None))
+        q = rms_normalize(q, cfg.norm_eps).astype(x_BSD.dtype)
         q = apply_rope(q, angles_SR)
         kv = apply_rope(self.kv_norm(self.wkv(x_BSD)), angles_SR)
         scale = cfg.head_dim ** -0.5
@@ -97,7 +98,7 @@ class Attention(nnx.Module):
         o = apply_rope(o.astype(x_BSD.dtype), angles_SR, inverse=True)
         og = o.reshape(*o.shape[:2], cfg.o_groups, -1)
         y = self.wo_a(og, "bsgi,gio->bsgo")
-        return self.wo_b(y, "bsgo,god->bsd"), kl
+        return constrain(self.wo_b(y, "bsgo,god->bsd"), ("batch", "act_seq", "act_embed")), kl
 
     def _compressed(self, x, qr, q, positions_S, angles_SR, scale, dense_csa):
         """Logits [B, S, H, J] of the compressed candidates, a combine function for their

@@ -15,6 +15,22 @@ from flax import nnx
 from .config import ModelConfig
 
 
+class Hooks:
+    """Where parallel/ plugs into the model without the model knowing any mesh:
+    `constrain(x, names)` pins an activation's sharding by logical names, and `experts(moe, x,
+    idx, wts)` replaces the single-device expert computation (expert parallelism)."""
+    constrain = None
+    experts = None
+
+
+HOOKS = Hooks()
+
+
+def constrain(x, names):
+    """Constrain activation `x` to the sharding of its logical axis `names` (no-op off-mesh)."""
+    return x if HOOKS.constrain is None else HOOKS.constrain(x, tuple(names))
+
+
 class RoutingBias(nnx.Variable):
     """Per-expert selection bias: updated by the balancing rule, never by the optimiser."""
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
-from .layers import HashTable, Linear, RoutingBias, dtype_of, normal
+from .layers import HOOKS, HashTable, Linear, RoutingBias, constrain, dtype_of, normal
 
 F32 = jnp.float32
 
@@ -87,15 +87,25 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BSD, ids_BS):
         """Returns (output [B, S, D], stats) with stats = dict(counts [E] tokens per expert,
-        f [B, E] and p [B, E] of the sequence-wise balance loss sum_i f_i * P_i)."""
+        f [B, E] and p [B, E] of the sequence-wise balance loss sum_i f_i * P_i, dropped:
+        (token, slot) pairs an expert-parallel transport had no room for)."""
         cfg = self.cfg
         b, s, d = x_BSD.shape
         x = x_BSD.reshape(b * s, d)
         idx, wts, scores = self.route(x, ids_BS.reshape(-1))
+        stats = self._stats(idx, scores, b, s)
+        if HOOKS.experts is not None:
+            y, stats["dropped"] = HOOKS.experts(self, x_BSD, idx.reshape(b, s, -1), wts.reshape(b, s, -1))
+            return constrain(y.astype(x_BSD.dtype), ("batch", "act_seq", "act_embed")), stats
         experts = self._ragged if cfg.moe_impl == "ragged" else self._dense
-        y = experts(x, idx, wts)
-        y = y + self.shared_w2(swiglu(self.shared_w1(x), self.shared_w3(x), cfg.swiglu_limit).astype(x.dtype))
-        return y.astype(x_BSD.dtype).reshape(b, s, d), self._stats(idx, scores, b, s)
+        y = experts(x, idx, wts) + self.shared(x)
+        stats["dropped"] = jnp.zeros((), jnp.int32)
+        return y.astype(x_BSD.dtype).reshape(b, s, d), stats
+
+    def shared(self, x_ND):
+        """The shared expert (same clamped SwiGLU), float32 result."""
+        h = swiglu(self.shared_w1(x_ND), self.shared_w3(x_ND), self.cfg.swiglu_limit)
+        return self.shared_w2(h.astype(x_ND.dtype)).astype(F32)
 
     def _stats(self, idx_Nk, scores_NE, b, s):
         e, k = self.cfg.n_routed_experts, self.cfg.n_activated_experts

@@ -19,7 +19,7 @@ from flax import nnx, struct
 from .attention import Attention
 from .config import ModelConfig
 from .hyper import HyperConnection, HyperHead
-from .layers import Linear, RMSNorm, normal, rope_angles, dtype_of
+from .layers import Linear, RMSNorm, constrain, dtype_of, normal, rope_angles
 from .moe import MoE, balanced_hash_table
 
 F32 = jnp.float32
@@ -54,6 +54,7 @@ class ModelAux:
     balance_f: jax.Array         # [L, B, E] sequence-wise balance loss terms f_i ...
     balance_p: jax.Array         # [L, B, E] ... and P_i; loss = alpha * mean_B sum_i f_i P_i
     indexer_kl: jax.Array        # [L] indexer KL loss (0 on non-CSA layers)
+    dropped_tokens: jax.Array    # [L] int32 (token, slot) pairs dropped by a capacity transport
 
 
 class Block(nnx.Module):
@@ -156,7 +157,7 @@ class Model(nnx.Module):
         self.mtp = nnx.List([MTPBlock(cfg, rngs) for _ in range(cfg.n_mtp_layers)])
 
     def logits(self, x_BSD):
-        return self.head(x_BSD).astype(F32)
+        return constrain(self.head(x_BSD).astype(F32), ("batch", "act_seq", "act_vocab"))
 
     def __call__(self, input_ids, *, dense_csa: bool = False):
         """input_ids int32 [B, S] -> (logits [B, S, V] float32, ModelAux)."""
@@ -166,6 +167,7 @@ class Model(nnx.Module):
         angles = (rope_angles(cfg, positions, False), rope_angles(cfg, positions, True))
         emb = self.embed[...][input_ids].astype(dtype_of(cfg.dtype))
         x = jnp.broadcast_to(emb[:, :, None, :], (b, s, cfg.hc_mult, cfg.dim))
+        x = constrain(x, ("batch", "act_seq", None, "act_embed"))
         stats = []
         for seg in self.segments:
             x, st = seg(x, input_ids, positions, angles, dense_csa)
@@ -179,7 +181,7 @@ class Model(nnx.Module):
             mtp_logits.append(self.logits(h))
             stats.append(jax.tree.map(lambda v: v[None], st))
         st = jax.tree.map(lambda *v: jnp.concatenate(v), *stats)
-        return logits, ModelAux(tuple(mtp_logits), st["counts"], st["f"], st["p"], st["kl"])
+        return logits, ModelAux(tuple(mtp_logits), st["counts"], st["f"], st["p"], st["kl"], st["dropped"])
 
 
 def layer_block(model: Model, layer: int) -> Block:

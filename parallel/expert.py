@@ -1,0 +1,192 @@
+"""Expert parallelism: tokens travel to the devices holding their experts and back (shard_map).
+
+Legend: n local tokens, k experts per token, P = n*k (token, slot) pairs, D model dim,
+F expert hidden (local share), E experts, El = E / ep local experts, ep expert-parallel size,
+C capacity per (source, destination) pair.
+
+The router runs outside (per token, wherever the token lives). Inside `jax.shard_map`, each
+device sends every (token, slot) pair to the device owning its expert, runs its local experts
+with grouped matmuls (`jax.lax.ragged_dot`), sends the results back and adds them, weighted by
+the gate, into the token's output. Expert hidden units may be sharded over `tensor`: each
+tensor device computes its share of the hidden units and one psum over `tensor` (shared with
+the shared expert, computed in the same place) finishes the down projection. FSDP shards of the
+expert weights are all-gathered inside.
+
+Two transports, one switch (`transport`):
+- "capacity": fixed-size buffers and `all_to_all`; runs everywhere (XLA:CPU included). Each
+  (source, destination) pair gets C = ceil(capacity_factor * P / ep) slots; pairs beyond it are
+  dropped (output 0 for that slot) and counted. capacity_factor=None is dropless: C = P, the
+  worst case, and the result is exact.
+- "ragged": `jax.lax.ragged_all_to_all` sends exactly the pairs routed (TPU / GPU; XLA:CPU does
+  not implement it). "auto" picks ragged on TPU / GPU and capacity on CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from model.config import ConfigError
+from model.moe import swiglu
+
+from .rules import Rules
+
+F32 = jnp.float32
+TRANSPORTS = ("auto", "capacity", "ragged")
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def choose_transport(transport: str, platform: str | None = None) -> str:
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"moe_transport: must be one of {TRANSPORTS}, got {transport!r}")
+    if transport != "auto":
+        return transport
+    platform = platform or jax.default_backend()
+    return "capacity" if platform == "cpu" else "ragged"
+
+
+def capacity(pairs: int, ep: int, capacity_factor: float | None) -> int:
+    """Slots per (source, destination) pair: all pairs when dropless."""
+    if capacity_factor is None:
+        return pairs
+    return max(1, min(pairs, math.ceil(capacity_factor * pairs / ep)))
+
+
+class ExpertParallel:
+    """The `model.layers.HOOKS.experts` implementation for a mesh and a rules table."""
+
+    def __init__(self, mesh, rules: Rules, transport: str = "auto", capacity_factor: float | None = None):
+        self.mesh, self.rules = mesh, rules
+        self.transport = choose_transport(transport, mesh.devices.flat[0].platform
+                                          if hasattr(mesh, "devices") else None)
+        self.capacity_factor = capacity_factor
+        w13 = rules.spec(("experts", "embed", "expert_mlp"))
+        self.ep_axes, self.gather_axes, self.tp_axes = (_axes(a) for a in w13)
+        self.batch_axes = _axes(rules.table["batch"])
+        if not set(self.ep_axes) <= set(self.batch_axes):
+            raise ConfigError(f"rules.experts: expert axes {self.ep_axes} must also shard the batch "
+                              f"{self.batch_axes} so that each expert device holds different tokens")
+        self.ep = math.prod(mesh.shape[a] for a in self.ep_axes)
+
+    def __call__(self, moe, x_BSD, idx_BSk, wts_BSk):
+        rules, cfg = self.rules, moe.cfg
+        tok = rules.spec(("batch", None, None))
+        specs = (tok, tok, tok,
+                 rules.spec(("experts", "embed", "expert_mlp")), rules.spec(("experts", "embed", "expert_mlp")),
+                 rules.spec(("experts", "expert_mlp", "embed")),
+                 rules.spec(("embed", "mlp")), rules.spec(("embed", "mlp")), rules.spec(("mlp", "embed")))
+        body = jax.shard_map(lambda *a: self._body(cfg, *a), mesh=self.mesh, in_specs=specs,
+                             out_specs=(tok, P()), check_vma=False)
+        return body(x_BSD, idx_BSk, wts_BSk, moe.w1[...], moe.w3[...], moe.w2[...],
+                    moe.shared_w1.w[...], moe.shared_w3.w[...], moe.shared_w2.w[...])
+
+    def _gather(self, w, dim):
+        for a in self.gather_axes:
+            w = jax.lax.all_gather(w, a, axis=dim, tiled=True)
+        return w
+
+    def _body(self, cfg, x, idx, wts, w1, w3, w2, sw1, sw3, sw2):
+        b, s, d = x.shape
+        dt = jnp.dtype(cfg.dtype)
+        w1, w3, w2 = self._gather(w1, 1), self._gather(w3, 1), self._gather(w2, 2)
+        sw1, sw3, sw2 = self._gather(sw1, 0), self._gather(sw3, 0), self._gather(sw2, 1)
+        xf = x.reshape(b * s, d)
+        experts = lambda xs, e, valid: self._local_experts(cfg, xs, e, valid, w1, w3, w2, dt)  # noqa: E731
+        send = self._capacity if self.transport == "capacity" else self._ragged
+        y, dropped = send(xf, idx.reshape(-1), wts.reshape(-1), w1.shape[0], experts)
+        h = swiglu(jnp.einsum("nd,df->nf", xf.astype(dt), sw1.astype(dt), preferred_element_type=F32),
+                   jnp.einsum("nd,df->nf", xf.astype(dt), sw3.astype(dt), preferred_element_type=F32),
+                   cfg.swiglu_limit)
+        y = y + jnp.einsum("nf,fd->nd", h.astype(dt), sw2.astype(dt), preferred_element_type=F32)
+        for a in self.tp_axes:
+            y = jax.lax.psum(y, a)
+        for a in self.batch_axes:
+            dropped = jax.lax.psum(dropped, a)
+        return y.reshape(b, s, d), dropped
+
+    @staticmethod
+    def _local_experts(cfg, xs, e, valid, w1, w3, w2, dt):
+        """Rows xs [R, D] for local experts e [R] (rows with valid=False give 0): sort by
+        expert, grouped matmuls, unsort. The gate weight is applied by the caller."""
+        n_local = w1.shape[0]
+        key = jnp.where(valid, e, n_local)
+        order = jnp.argsort(key)
+        sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
+        xo = xs[order].astype(dt)
+        h = swiglu(jax.lax.ragged_dot(xo, w1.astype(dt), sizes, preferred_element_type=F32),
+                   jax.lax.ragged_dot(xo, w3.astype(dt), sizes, preferred_element_type=F32),
+                   cfg.swiglu_limit)
+        return h, order, sizes, lambda hw: jax.lax.ragged_dot(hw.astype(dt), w2.astype(dt), sizes,
+                                                             preferred_element_type=F32)
+
+    def _run_local(self, experts, xs, e, w, valid):
+        h, order, _, down = experts(xs, e, valid)
+        hw = h * jnp.where(valid, w, 0.0)[order][:, None]
+        out = down(hw)
+        out = jnp.where(valid[order][:, None], out, 0.0)
+        return jnp.zeros_like(out).at[order].set(out)
+
+    def _capacity(self, xf, e_flat, w_flat, n_local, experts):
+        ep, k = self.ep, e_flat.shape[0] // xf.shape[0]
+        pairs = e_flat.shape[0]
+        c = capacity(pairs, ep, self.capacity_factor)
+        token = jnp.arange(pairs) // k
+        dest = e_flat // n_local
+        onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32)
+        rank = jnp.take_along_axis(jnp.cumsum(onehot, 0) - onehot, dest[:, None], 1)[:, 0]
+        keep = rank < c
+        slot = jnp.where(keep, dest * c + rank, ep * c)  # ep * c: out of range, dropped
+        send_x = jnp.zeros((ep * c, xf.shape[1]), xf.dtype).at[slot].set(xf[token], mode="drop")
+        send_e = jnp.full((ep * c,), -1, jnp.int32).at[slot].set(e_flat % n_local, mode="drop")
+        send_w = jnp.zeros((ep * c,), F32).at[slot].set(w_flat, mode="drop")
+        recv_x, recv_e, recv_w = (self._all_to_all(a) for a in (send_x, send_e, send_w))
+        out = self._run_local(experts, recv_x, jnp.maximum(recv_e, 0), recv_w, recv_e >= 0)
+        back = self._all_to_all(out)
+        contrib = jnp.where(keep[:, None], back[jnp.minimum(slot, ep * c - 1)], 0.0)
+        y = jnp.zeros((xf.shape[0], xf.shape[1]), F32).at[token].add(contrib)
+        return y, jnp.sum(~keep).astype(jnp.int32)
+
+    def _all_to_all(self, x):
+        for a in self.ep_axes:  # one EP axis in practice; several compose as nested exchanges
+            x = jax.lax.all_to_all(x, a, 0, 0, tiled=True)
+        return x
+
+    def _ragged(self, xf, e_flat, w_flat, n_local, experts):
+        if len(self.ep_axes) != 1:
+            raise ConfigError("moe_transport: the ragged transport needs exactly one expert axis")
+        axis, ep, k = self.ep_axes[0], self.ep, e_flat.shape[0] // xf.shape[0]
+        pairs = e_flat.shape[0]
+        dest = e_flat // n_local
+        order = jnp.argsort(dest, stable=True)
+        token = order // k
+        send_sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)
+        input_offsets = jnp.cumsum(send_sizes) - send_sizes
+        all_sizes = jax.lax.all_gather(send_sizes, axis)                  # [ep senders, ep receivers]
+        me = jax.lax.axis_index(axis)
+        recv_sizes = all_sizes[:, me]
+        # where my chunk lands in receiver j's buffer: after the chunks of senders before me
+        output_offsets = (jnp.cumsum(all_sizes, 0) - all_sizes)[me]
+        cap = pairs * ep                                                   # worst case: all to me
+
+        def exchange(operand, out_rows, in_off, send, out_off, recv):
+            out = jnp.zeros((out_rows,) + operand.shape[1:], operand.dtype)
+            return jax.lax.ragged_all_to_all(operand, out, in_off, send, out_off, recv, axis_name=axis)
+
+        recv_x = exchange(xf[token], cap, input_offsets, send_sizes, output_offsets, recv_sizes)
+        recv_e = exchange((e_flat % n_local)[order], cap, input_offsets, send_sizes, output_offsets, recv_sizes)
+        recv_w = exchange(w_flat[order], cap, input_offsets, send_sizes, output_offsets, recv_sizes)
+        valid = jnp.arange(cap) < jnp.sum(recv_sizes)
+        out = self._run_local(experts, recv_x, recv_e, recv_w, valid)
+        # send results back: roles of sizes and offsets swap
+        back_in_off = jnp.cumsum(recv_sizes) - recv_sizes
+        back_out_off = (jnp.cumsum(all_sizes, 1) - all_sizes)[:, me]
+        back = exchange(out, pairs, back_in_off, recv_sizes, back_out_off, send_sizes)
+        y = jnp.zeros((xf.shape[0], xf.shape[1]), F32).at[token].add(back)
+        return y, jnp.zeros((), jnp.int32)

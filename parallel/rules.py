@@ -1,0 +1,159 @@
+"""The one table from logical axis names to mesh axes, and sharded model state built from it.
+
+Parameters name their dimensions (`embed`, `heads`, `experts`, ... in their `out_sharding`
+metadata); activations name theirs where the model calls `model.layers.constrain`. Changing a
+parallelism strategy means editing RULES or overriding entries from YAML (`rules:` mapping of
+logical name -> mesh axis, list of mesh axes, or null), never model code.
+
+Choices: the batch is split over data, fsdp and expert (expert devices also do data
+parallelism outside the MoE); every parameter matrix is FSDP-sharded on its embed dimension
+(or, where it has none, on another input dimension: `q_lora_in`, `o_group_in`, `hc_embed`);
+experts over `expert`; heads, output groups, indexer heads, expert and shared-expert hidden
+units and the vocabulary over `tensor`. The single shared K=V head (and the compressors' and
+indexer's keys) is replicated over `tensor`: every tensor device projects and compresses the
+same keys (D x 512 per token, plus the fp32 compressors on compressed layers) instead of
+sharding the sequence, which would add an all-gather of keys per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from model import layers as model_layers
+from model.config import ConfigError, ModelConfig
+from model.transformer import Model
+
+from .mesh import AXES, BATCH_AXES
+
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    # activations
+    "batch": BATCH_AXES,
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_vocab": "tensor",
+    # parameters
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "embed_out": None,
+    "q_lora": None,
+    "q_lora_in": "fsdp",
+    "heads": "tensor",
+    "head_dim": None,
+    "o_groups": "tensor",
+    "o_group_in": "fsdp",
+    "o_lora": None,
+    "compress_out": None,
+    "compress_slot": None,
+    "compress_width": None,
+    "index_heads": "tensor",
+    "index_head_dim": None,
+    "experts": "expert",
+    "experts_router": None,
+    "expert_mlp": "tensor",
+    "mlp": "tensor",
+    "topk": None,
+    "hc_embed": "fsdp",
+    "hc_mix": None,
+    "hc_scale": None,
+    "hc_streams": None,
+    "hc_scale_head": None,
+}
+
+
+class Rules:
+    """Logical -> mesh axis table with validation; `spec(names)` gives a PartitionSpec."""
+
+    def __init__(self, overrides: Mapping[str, object] | None = None):
+        table = dict(RULES)
+        for name, axes in (overrides or {}).items():
+            if name not in RULES:
+                import difflib
+
+                close = difflib.get_close_matches(name, sorted(RULES), n=1)
+                raise ConfigError(f"rules.{name}: not a logical axis name" +
+                                  (f"; did you mean {close[0]!r}?" if close else ""))
+            axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+            for a in (axes if isinstance(axes, tuple) else (axes,)):
+                if a is not None and a not in AXES:
+                    raise ConfigError(f"rules.{name}: {a!r} is not a mesh axis; use one of {AXES} or null")
+            table[name] = axes
+        self.table = table
+
+    def spec(self, names) -> P:
+        """PartitionSpec for logical `names`; a mesh axis may shard at most one dimension."""
+        used, out = {}, []
+        for name in names:
+            if name is not None and name not in self.table:
+                raise ConfigError(f"rules: no rule for logical axis {name!r}")
+            axes = None if name is None else self.table[name]
+            for a in (axes if isinstance(axes, tuple) else (axes,)):
+                if a is None:
+                    continue
+                if a in used:
+                    raise ConfigError(f"rules: mesh axis {a!r} would shard both {used[a]!r} and {name!r} "
+                                      f"of one array {tuple(names)}; change one of the two rules")
+                used[a] = name
+            out.append(axes)
+        return P(*out)
+
+    def param_specs(self, model) -> nnx.State:
+        """A State of PartitionSpecs mirroring the model's variables."""
+        return jax.tree.map(lambda v: self.spec(v.get_metadata().get("out_sharding") or ()),
+                            nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shardings(mesh, specs):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def create_sharded(cfg: ModelConfig, mesh, rules: Rules, seed: int = 0) -> Model:
+    """The model initialised directly into its shards (never whole on one device): the
+    initialiser is jitted with the rules' shardings as its output shardings."""
+    abstract = nnx.eval_shape(lambda: Model(cfg, nnx.Rngs(seed)))
+    graphdef, _ = nnx.split(abstract)
+    out = shardings(mesh, rules.param_specs(abstract))
+    state = jax.jit(lambda: nnx.split(Model(cfg, nnx.Rngs(seed)))[1], out_shardings=out)()
+    return nnx.merge(graphdef, state)
+
+
+def per_device_shapes(cfg: ModelConfig, mesh, rules: Rules) -> dict[str, tuple[tuple, tuple, int]]:
+    """Path -> (global shape, per-device shape, per-device bytes) of every variable, from the
+    abstract model and a (possibly abstract) mesh: no devices and no memory needed."""
+    abstract = nnx.eval_shape(lambda: Model(cfg, nnx.Rngs(0)))
+    specs = rules.param_specs(abstract)
+    out = {}
+    flat_vars = dict(nnx.to_flat_state(nnx.state(abstract)))
+    flat_specs = dict(nnx.to_flat_state(specs))
+    for path, var in flat_vars.items():
+        spec = flat_specs[path]
+        shape = var.get_value().shape
+        local = list(shape)
+        for i, axes in enumerate(spec):
+            for a in (axes if isinstance(axes, tuple) else (axes,)):
+                if a is not None:
+                    local[i] = -(-local[i] // mesh.shape[a])
+        n = 1
+        for d in local:
+            n *= d
+        out["/".join(map(str, path))] = (tuple(shape), tuple(local), n * var.get_value().dtype.itemsize)
+    return out
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules: Rules):
+    """Inside: the model's `constrain(x, names)` calls pin activations to the rules' specs."""
+    def constrain(x, names):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(names)))
+
+    prev = model_layers.HOOKS.constrain
+    model_layers.HOOKS.constrain = constrain
+    try:
+        yield
+    finally:
+        model_layers.HOOKS.constrain = prev
