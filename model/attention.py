@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .compressor import Compressor, visible_blocks
+from .compressor import Compressor, visible
 from .config import ModelConfig
 from .indexer import Indexer, indexer_kl
 from .layers import Linear, RMSNorm, apply_rope, constant, constrain, rms_normalize
@@ -31,16 +31,24 @@ def _chunk(x, w: int):
     return jnp.pad(x, pad).reshape(b, n, w, *x.shape[2:])
 
 
-def window_keys(kv_BSK, w: int):
+def _with_previous(x_BCW):
+    """[B, C, W, ...] -> [B, C, 2W, ...]: each chunk preceded by the previous one (zeros first)."""
+    pad = [(0, 0), (1, 0)] + [(0, 0)] * (x_BCW.ndim - 2)
+    return jnp.concatenate([jnp.pad(x_BCW[:, :-1], pad), x_BCW], axis=2)
+
+
+def window_keys(kv_BSK, seg_BS, w: int):
     """Keys of each window chunk: previous chunk + own chunk, [B, C, 2W, K], and the mask
-    [C, W, 2W] of keys at positions (p - W, p] for the query at position p."""
+    [B, C, W, 2W] of keys at positions (p - W, p] of the query's document, for the query at p."""
     kv = _chunk(kv_BSK, w)
-    keys = jnp.concatenate([jnp.pad(kv[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), kv], axis=2)
     n = kv.shape[1]
     qpos = jnp.arange(n)[:, None] * w + jnp.arange(w)[None, :]            # [C, W]
     kpos = (jnp.arange(n)[:, None] - 1) * w + jnp.arange(2 * w)[None, :]  # [C, 2W]
     mask = (kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] > qpos[:, :, None] - w)
-    return keys, mask & (kpos[:, None, :] >= 0)
+    mask = mask & (kpos[:, None, :] >= 0)
+    seg = _chunk(seg_BS, w)                                                # [B, C, W]
+    same = _with_previous(seg)[:, :, None, :] == seg[:, :, :, None]        # [B, C, W, 2W]
+    return _with_previous(kv), mask[None] & same
 
 
 class Attention(nnx.Module):
@@ -58,8 +66,9 @@ class Attention(nnx.Module):
         self.compressor = Compressor(cfg, ratio, k, cfg.is_csa(ratio), rngs) if ratio else None
         self.indexer = Indexer(cfg, ratio, rngs) if ratio and cfg.is_csa(ratio) else None
 
-    def __call__(self, x_BSD, positions_S, angles_SR, *, dense_csa: bool = False):
-        """Returns (output [B, S, D], indexer KL loss scalar (0 on non-CSA layers))."""
+    def __call__(self, x_BSD, positions_S, angles_SR, seg_BS=None, *, dense_csa: bool = False):
+        """Returns (output [B, S, D], indexer KL loss scalar (0 on non-CSA layers)).
+        `seg_BS`: document id of every token (packed sequences); None = one document."""
         cfg = self.cfg
         qr = self.q_norm(self.wq_a(x_BSD))
         q = constrain(self.wq_b(qr, "bsq,qhk->bshk"), ("batch", "act_seq", "act_heads", None))
@@ -70,15 +79,17 @@ class Attention(nnx.Module):
 
         # sliding window, chunked: each chunk of W queries sees its own and the previous chunk
         s, w = x_BSD.shape[1], cfg.window_size
-        keys, wmask = window_keys(kv, w)
+        if seg_BS is None:
+            seg_BS = jnp.zeros(x_BSD.shape[:2], jnp.int32)
+        keys, wmask = window_keys(kv, seg_BS, w)
         qc = _chunk(q, w)
         logits_w = jnp.einsum("bcqhk,bcjk->bcqhj", qc, keys, preferred_element_type=F32) * scale
-        logits_w = jnp.where(wmask[None, :, :, None, :], logits_w, -jnp.inf)
+        logits_w = jnp.where(wmask[:, :, :, None, :], logits_w, -jnp.inf)
         logits_w = logits_w.reshape(x_BSD.shape[0], -1, *logits_w.shape[3:])[:, :s]  # [B,S,H,2W]
 
         comp, kl = None, jnp.zeros((), F32)
         if self.compressor is not None and s >= self.ratio:
-            comp = self._compressed(x_BSD, qr, q, positions_S, angles_SR, scale, dense_csa)
+            comp = self._compressed(x_BSD, qr, q, positions_S, angles_SR, seg_BS, scale, dense_csa)
             logits = jnp.concatenate([logits_w, comp["logits"]], axis=-1)
         else:
             logits = logits_w
@@ -100,23 +111,23 @@ class Attention(nnx.Module):
         y = self.wo_a(og, "bsgi,gio->bsgo")
         return constrain(self.wo_b(y, "bsgo,god->bsd"), ("batch", "act_seq", "act_embed")), kl
 
-    def _compressed(self, x, qr, q, positions_S, angles_SR, scale, dense_csa):
+    def _compressed(self, x, qr, q, positions_S, angles_SR, seg_BS, scale, dense_csa):
         """Logits [B, S, H, J] of the compressed candidates, a combine function for their
         probabilities, and on CSA layers the index scores / mask the KL loss compares."""
-        ckv = self.compressor(x, angles_SR).astype(q.dtype)                  # [B, T, K]
-        t = ckv.shape[1]
-        visible = jnp.arange(t)[None, :] < visible_blocks(positions_S, self.ratio)[:, None]  # [S,T]
+        ckv, block_seg = self.compressor(x, angles_SR, seg_BS)              # [B, T, K], [B, T]
+        ckv = ckv.astype(q.dtype)
+        vis = visible(positions_S, seg_BS, block_seg, self.ratio)            # [B, S, T]
         out = {}
         if self.indexer is None or dense_csa:
             logits = jnp.einsum("bshk,btk->bsht", q, ckv, preferred_element_type=F32) * scale
-            out["logits"] = jnp.where(visible[None, :, None, :], logits, -jnp.inf)
+            out["logits"] = jnp.where(vis[:, :, None, :], logits, -jnp.inf)
             out["combine"] = lambda p: jnp.einsum("bshj,bjk->bshk", p, ckv, preferred_element_type=F32)
             if self.indexer is not None:
-                out["index_scores"] = self.indexer.scores(x, qr, angles_SR, positions_S)
-                out["mask"] = jnp.broadcast_to(visible[None], out["index_scores"].shape)
+                out["index_scores"] = self.indexer.scores(x, qr, angles_SR, positions_S, seg_BS)
+                out["mask"] = vis
             return out
-        scores = self.indexer.scores(x, qr, angles_SR, positions_S)           # [B, S, T]
-        idx = self.indexer.select(scores, positions_S)                        # [B, S, k]
+        scores = self.indexer.scores(x, qr, angles_SR, positions_S, seg_BS)   # [B, S, T]
+        idx = self.indexer.select(scores)                                     # [B, S, k]
         valid = idx >= 0
         safe = jnp.maximum(idx, 0)
         picked = jax.vmap(lambda c, i: c[i])(ckv, safe)                       # [B, S, k, K]

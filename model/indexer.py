@@ -4,8 +4,8 @@ Legend: B batch, S sequence, T compressed entries, H index heads, K index head d
 k top-k.
 Score I[s, t] = sum_h w[s, h] * ReLU(q[s, h] . K[t]), w = x @ W_w * K^-0.5 * H^-0.5, with the
 index keys K from the indexer's own overlapping compressor and queries from the query latent,
-both rotated (YaRN rope). Invisible blocks (t >= (s + 1) // ratio) score -inf and, if chosen
-because fewer than k are visible, come back as index -1.
+both rotated (YaRN rope). Invisible blocks (incomplete, or of another packed document) score
+-inf and, if chosen because fewer than k are visible, come back as index -1.
 DeepSeek's inference code rotates q and K with a Hadamard transform and simulates FP4 before
 scoring; the transform is orthogonal, so in float arithmetic the scores are the same and we
 skip it here (quantisation simulation belongs to model/quant.py).
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .compressor import Compressor, visible_blocks
+from .compressor import Compressor, visible
 from .config import ModelConfig
 from .layers import Linear, apply_rope
 
@@ -31,24 +31,22 @@ class Indexer(nnx.Module):
         self.weights_proj = Linear((cfg.dim, h), ("embed", "index_heads"), cfg, rngs)
         self.weight_scale = (k ** -0.5) * (h ** -0.5)
 
-    def scores(self, x_BSD, qr_BSQ, angles_SR, positions_S):
-        """Index scores [B, S, T] in float32, -inf where the block is not yet complete."""
+    def scores(self, x_BSD, qr_BSQ, angles_SR, positions_S, seg_BS):
+        """Index scores [B, S, T] in float32, -inf where the block is not visible."""
         x, qr = jax.lax.stop_gradient(x_BSD), jax.lax.stop_gradient(qr_BSQ)
-        keys_BTK = self.compressor(x, angles_SR)
+        keys_BTK, block_seg = self.compressor(x, angles_SR, seg_BS)
         q_BSHK = apply_rope(self.wq_b(qr, "bsq,qhk->bshk"), angles_SR)
         w_BSH = self.weights_proj(x).astype(jnp.float32) * self.weight_scale
         logits = jnp.einsum("bshk,btk->bsht", q_BSHK.astype(jnp.float32), keys_BTK)
         scores = jnp.einsum("bsht,bsh->bst", jax.nn.relu(logits), w_BSH)
-        t = keys_BTK.shape[1]
-        visible = jnp.arange(t)[None, :] < visible_blocks(positions_S, self.ratio)[:, None]
-        return jnp.where(visible[None], scores, -jnp.inf)
+        return jnp.where(visible(positions_S, seg_BS, block_seg, self.ratio), scores, -jnp.inf)
 
-    def select(self, scores_BST, positions_S):
-        """Top-k block indices [B, S, k'] with k' = min(topk, T); -1 marks invisible picks."""
+    def select(self, scores_BST):
+        """Top-k block indices [B, S, k'] with k' = min(topk, T); -1 marks invisible picks
+        (visible blocks have finite scores, so a -inf pick is an invisible one)."""
         k = min(self.topk, scores_BST.shape[-1])
-        _, idx = jax.lax.top_k(scores_BST, k)
-        limit = visible_blocks(positions_S, self.ratio)[None, :, None]
-        return jnp.where(idx < limit, idx, -1)
+        vals, idx = jax.lax.top_k(scores_BST, k)
+        return jnp.where(vals > -jnp.inf, idx, -1)
 
 
 def indexer_kl(index_scores_BSJ, attn_probs_BSHJ, mask_BSJ):

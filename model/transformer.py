@@ -68,9 +68,10 @@ class Block(nnx.Module):
         self.ffn = MoE(cfg, hashed, rngs)
         self.compressed = ratio > 0
 
-    def __call__(self, x_BSND, ids_BS, positions_S, angles, dense_csa=False):
+    def __call__(self, x_BSND, ids_BS, positions_S, angles, seg_BS, dense_csa=False):
         y, post, comb = self.attn_hc(x_BSND)
-        y, kl = self.attn(self.attn_norm(y), positions_S, angles[int(self.compressed)], dense_csa=dense_csa)
+        y, kl = self.attn(self.attn_norm(y), positions_S, angles[int(self.compressed)], seg_BS,
+                          dense_csa=dense_csa)
         x_BSND = HyperConnection.merge(y, x_BSND, post, comb)
         y, post, comb = self.ffn_hc(x_BSND)
         y, stats = self.ffn(self.ffn_norm(y), ids_BS)
@@ -96,24 +97,24 @@ class Segment(nnx.Module):
                 blocks[-1].ffn.tid2eid.set_value(jnp.asarray(tables[0] if count == 1 else np.stack(tables)))
         self.blocks = nnx.List(blocks)
 
-    def __call__(self, x, ids, positions, angles, dense_csa=False):
+    def __call__(self, x, ids, positions, angles, seg, dense_csa=False):
         """Returns (x, per-layer stats stacked in layer order on a leading axis)."""
         if self.count == 1:
             outs = []
             for blk in self.blocks:
-                x, st = blk(x, ids, positions, angles, dense_csa)
+                x, st = blk(x, ids, positions, angles, seg, dense_csa)
                 outs.append(st)
             return x, jax.tree.map(lambda *v: jnp.stack(v), *outs)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=(nnx.Carry, 0))
-        def body(blocks, x, ids, positions, angles):
+        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, None), out_axes=(nnx.Carry, 0))
+        def body(blocks, x, ids, positions, angles, seg):
             outs = []
             for blk in blocks:
-                x, st = blk(x, ids, positions, angles, dense_csa)
+                x, st = blk(x, ids, positions, angles, seg, dense_csa)
                 outs.append(st)
             return x, jax.tree.map(lambda *v: jnp.stack(v), *outs)  # [period, ...]
 
-        x, st = body(tuple(self.blocks), x, ids, positions, angles)       # [count, period, ...]
+        x, st = body(tuple(self.blocks), x, ids, positions, angles, seg)  # [count, period, ...]
         return x, jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), st)
 
 
@@ -138,9 +139,9 @@ class MTPBlock(nnx.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
         self.hc_head = HyperHead(cfg, rngs)
 
-    def __call__(self, h_BSND, emb_BSD, ids_BS, positions, angles):
+    def __call__(self, h_BSND, emb_BSD, ids_BS, positions, angles, seg_BS):
         x = self.e_proj(self.enorm(emb_BSD))[:, :, None, :] + self.h_proj(self.hnorm(h_BSND))
-        x, stats = self.block(x.astype(h_BSND.dtype), ids_BS, positions, angles)
+        x, stats = self.block(x.astype(h_BSND.dtype), ids_BS, positions, angles, seg_BS)
         return x, self.norm(self.hc_head(x)), stats
 
 
@@ -159,25 +160,33 @@ class Model(nnx.Module):
     def logits(self, x_BSD):
         return constrain(self.head(x_BSD).astype(F32), ("batch", "act_seq", "act_vocab"))
 
-    def __call__(self, input_ids, *, dense_csa: bool = False):
-        """input_ids int32 [B, S] -> (logits [B, S, V] float32, ModelAux)."""
+    def __call__(self, input_ids, *, segment_ids=None, dense_csa: bool = False):
+        """input_ids int32 [B, S] -> (logits [B, S, V] float32, ModelAux).
+
+        segment_ids int32 [B, S] (optional): document id of each token of packed sequences;
+        attention, compressors and indexers never look across documents. dense_csa: CSA layers
+        attend to every visible block (the indexer's dense warm-up)."""
         cfg = self.cfg
         b, s = input_ids.shape
+        seg = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         positions = jnp.arange(s)
         angles = (rope_angles(cfg, positions, False), rope_angles(cfg, positions, True))
-        emb = self.embed[...][input_ids].astype(dtype_of(cfg.dtype))
+        # gather the (vocab / FSDP sharded) table whole before the lookup: a lookup into a table
+        # sharded on the batch's own mesh axes would make the partitioner replicate the result
+        table = constrain(self.embed[...], (None, None))
+        emb = table[input_ids].astype(dtype_of(cfg.dtype))
         x = jnp.broadcast_to(emb[:, :, None, :], (b, s, cfg.hc_mult, cfg.dim))
         x = constrain(x, ("batch", "act_seq", None, "act_embed"))
         stats = []
-        for seg in self.segments:
-            x, st = seg(x, input_ids, positions, angles, dense_csa)
+        for segment in self.segments:
+            x, st = segment(x, input_ids, positions, angles, seg, dense_csa)
             stats.append(st)
         logits = self.logits(self.norm(self.hc_head(x)))
         mtp_logits, ids = [], input_ids
         for mtp in self.mtp:
             ids = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)  # next tokens
-            emb_next = self.embed[...][ids].astype(emb.dtype)
-            x, h, st = mtp(x, emb_next, ids, positions, angles)
+            emb_next = table[ids].astype(emb.dtype)
+            x, h, st = mtp(x, emb_next, ids, positions, angles, seg)
             mtp_logits.append(self.logits(h))
             stats.append(jax.tree.map(lambda v: v[None], st))
         st = jax.tree.map(lambda *v: jnp.concatenate(v), *stats)

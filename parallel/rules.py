@@ -85,6 +85,15 @@ class Rules:
             table[name] = axes
         self.table = table
 
+    @classmethod
+    def from_yaml(cls, path) -> "Rules":
+        """Rules with the overrides of a YAML file's `rules:` mapping (safe loading)."""
+        import yaml
+
+        with open(path) as f:
+            content = yaml.safe_load(f) or {}
+        return cls(content.get("rules") or {})
+
     def spec(self, names) -> P:
         """PartitionSpec for logical `names`; a mesh axis may shard at most one dimension."""
         used, out = {}, []

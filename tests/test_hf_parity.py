@@ -102,7 +102,7 @@ def test_compressor_csa_overlap_and_hca(five, captured, layer, ratio):
     r = captured[1][f"model.layers.{layer}.self_attn.compressor"]
     x, ref = r["inputs"][0], r["outputs"][0][:, 0]
     angles = rope_angles(cfg, jnp.arange(x.shape[1]), True)
-    got = layer_block(m, layer).attn.compressor(jnp.asarray(x), angles)
+    got, _ = layer_block(m, layer).attn.compressor(jnp.asarray(x), angles, jnp.zeros(x.shape[:2], jnp.int32))
     assert got.shape == ref.shape == (2, 40 // ratio, cfg.head_dim)
     assert rel_err(got, ref) < 1e-5
 
@@ -114,7 +114,8 @@ def test_indexer_selects_the_same_blocks(five, captured, layer):
     x, qr, ref = r["inputs"][0], r["inputs"][1], r["outputs"]
     pos = jnp.arange(x.shape[1])
     idx = layer_block(m, layer).attn.indexer
-    got = idx.select(idx.scores(jnp.asarray(x), jnp.asarray(qr), rope_angles(cfg, pos, True), pos), pos)
+    seg = jnp.zeros(x.shape[:2], jnp.int32)
+    got = idx.select(idx.scores(jnp.asarray(x), jnp.asarray(qr), rope_angles(cfg, pos, True), pos, seg))
     got = np.sort(np.asarray(got), -1)
     np.testing.assert_array_equal(got, np.sort(ref, -1))
     visible = np.asarray(visible_blocks(pos, 4))

@@ -199,3 +199,18 @@ def test_hlo_does_not_grow_with_layers():
 
     small, big = hlo_size(6), hlo_size(22)
     assert big < 1.1 * small
+
+
+def test_packed_documents_do_not_see_each_other(tiny):
+    """Attention, compressors and indexers stay inside a document of a packed sequence: the
+    second document's logits do not change when the first document's tokens do."""
+    cfg, m, _ = tiny
+    fwd = nnx.jit(lambda m, ids, seg: m(ids, segment_ids=seg)[0])
+    ids = rand_ids(cfg, 2, 48, 6)
+    seg = jnp.concatenate([jnp.ones((2, 21), jnp.int32), 2 * jnp.ones((2, 27), jnp.int32)], 1)
+    base = fwd(m, ids, seg)
+    other_first = ids.at[:, :21].set((ids[:, :21] + 11) % cfg.vocab_size)
+    np.testing.assert_allclose(fwd(m, other_first, seg)[:, 21:], base[:, 21:], rtol=1e-5, atol=1e-5)
+    # without the document boundary the same change does reach the second document
+    one = jnp.ones_like(seg)
+    assert not np.allclose(fwd(m, other_first, one)[:, 21:], fwd(m, ids, one)[:, 21:], atol=1e-3)
