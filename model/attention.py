@@ -67,7 +67,8 @@ class Attention(nnx.Module):
         self.indexer = Indexer(cfg, ratio, rngs) if ratio and cfg.is_csa(ratio) else None
 
     def __call__(self, x_BSD, positions_S, angles_SR, seg_BS=None, *, dense_csa: bool = False):
-        """Returns (output [B, S, D], indexer KL loss scalar (0 on non-CSA layers)).
+        """Returns (output [B, S, D], (indexer KL summed over queries, number of those queries)),
+        both 0 on non-CSA layers.
         `seg_BS`: document id of every token (packed sequences); None = one document."""
         cfg = self.cfg
         qr = self.q_norm(self.wq_a(x_BSD))
@@ -87,7 +88,7 @@ class Attention(nnx.Module):
         logits_w = jnp.where(wmask[:, :, :, None, :], logits_w, -jnp.inf)
         logits_w = logits_w.reshape(x_BSD.shape[0], -1, *logits_w.shape[3:])[:, :s]  # [B,S,H,2W]
 
-        comp, kl = None, jnp.zeros((), F32)
+        comp, kl = None, (jnp.zeros((), F32), jnp.zeros((), jnp.int32))
         if self.compressor is not None and s >= self.ratio:
             comp = self._compressed(x_BSD, qr, q, positions_S, angles_SR, seg_BS, scale, dense_csa)
             logits = jnp.concatenate([logits_w, comp["logits"]], axis=-1)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 MOE_IMPLS = ("ragged", "dense")
+REMATS = ("none", "full", "save_matmuls")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -73,6 +74,9 @@ class ModelConfig:
     init_std: float = 0.02
     # layers per scan unit are found automatically; this caps the repeating period searched
     scan_max_period: int = 4
+    # rematerialisation of each block in the backward pass: none, full (keep only the block
+    # inputs), save_matmuls (keep matmul outputs, recompute the rest)
+    remat: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -151,6 +155,7 @@ def _validate(c: ModelConfig) -> None:
     _check(c.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")
     _check(c.route_scale > 0, "route_scale", "must be > 0")
     _check(c.scan_max_period >= 1, "scan_max_period", "must be >= 1")
+    _check(c.remat in REMATS, "remat", f"must be one of {REMATS}, got {c.remat!r}")
 
 
 # --- presets ----------------------------------------------------------------------------
@@ -166,6 +171,14 @@ PRESETS: dict[str, ModelConfig] = {
         compress_ratios=(0, 4, 16, 4, 16, 4), index_n_heads=4, index_head_dim=32, index_topk=4,
         original_seq_len=256, n_routed_experts=8, n_activated_experts=2, moe_inter_dim=32,
         n_hash_layers=2, route_scale=1.5, n_mtp_layers=1, dtype="float32",
+    ),
+    # ~100M parameters for throughput benchmarks on a CPU (bench/train_speed.py).
+    "small": ModelConfig(
+        vocab_size=512, dim=512, n_layers=8, n_heads=8, head_dim=64, rope_head_dim=32,
+        q_lora_rank=128, o_groups=4, o_lora_rank=128, window_size=64,
+        compress_ratios=(0, 4, 32, 4, 32, 4, 32, 4), index_n_heads=8, index_head_dim=64,
+        index_topk=16, original_seq_len=1024, n_routed_experts=32, n_activated_experts=4,
+        moe_inter_dim=256, n_hash_layers=2, route_scale=1.5, n_mtp_layers=1, dtype="float32",
     ),
     "v4-flash": ModelConfig(**_SHARED_V4, dim=4096, n_layers=43, n_heads=64, q_lora_rank=1024,
                             o_groups=8, o_lora_rank=1024,

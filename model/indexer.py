@@ -50,7 +50,7 @@ class Indexer(nnx.Module):
 
 
 def indexer_kl(index_scores_BSJ, attn_probs_BSHJ, mask_BSJ):
-    """KL(p || softmax(I)) per query, averaged over queries that see at least one entry.
+    """(sum over queries of KL(p || softmax(I)), number of queries that see at least one entry).
 
     p is the main attention's probability mass on each candidate entry summed over heads and
     L1-normalised over the candidates in `mask` (all visible blocks in the dense warm-up, the
@@ -62,4 +62,4 @@ def indexer_kl(index_scores_BSJ, attn_probs_BSHJ, mask_BSJ):
     terms = jnp.where(mask_BSJ & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0)
     per_query = jnp.sum(terms, axis=-1)
     valid = jnp.any(mask_BSJ, axis=-1)
-    return jnp.sum(jnp.where(valid, per_query, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return jnp.sum(jnp.where(valid, per_query, 0.0)), jnp.sum(valid).astype(jnp.int32)

@@ -53,7 +53,8 @@ class ModelAux:
     expert_counts: jax.Array     # [L, E] int32 (token, slot) pairs routed to each expert
     balance_f: jax.Array         # [L, B, E] sequence-wise balance loss terms f_i ...
     balance_p: jax.Array         # [L, B, E] ... and P_i; loss = alpha * mean_B sum_i f_i P_i
-    indexer_kl: jax.Array        # [L] indexer KL loss (0 on non-CSA layers)
+    indexer_kl: jax.Array        # [L] indexer KL summed over queries (0 on non-CSA layers) ...
+    indexer_queries: jax.Array   # [L] int32 ... over this many queries (mean = kl / queries)
     dropped_tokens: jax.Array    # [L] int32 (token, slot) pairs dropped by a capacity transport
 
 
@@ -75,7 +76,7 @@ class Block(nnx.Module):
         x_BSND = HyperConnection.merge(y, x_BSND, post, comb)
         y, post, comb = self.ffn_hc(x_BSND)
         y, stats = self.ffn(self.ffn_norm(y), ids_BS)
-        stats["kl"] = kl
+        stats["kl"], stats["kl_queries"] = kl
         return HyperConnection.merge(y, x_BSND, post, comb), stats
 
 
@@ -84,6 +85,7 @@ class Segment(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, start: int, unit: tuple[Kind, ...], count: int, rngs: nnx.Rngs):
         self.start, self.period, self.count = start, len(unit), count
+        self.call = _remat(cfg)
         blocks = []
         for j, kind in enumerate(unit):
             if count == 1:
@@ -102,7 +104,7 @@ class Segment(nnx.Module):
         if self.count == 1:
             outs = []
             for blk in self.blocks:
-                x, st = blk(x, ids, positions, angles, seg, dense_csa)
+                x, st = self.call(blk, x, ids, positions, angles, seg, dense_csa)
                 outs.append(st)
             return x, jax.tree.map(lambda *v: jnp.stack(v), *outs)
 
@@ -110,12 +112,23 @@ class Segment(nnx.Module):
         def body(blocks, x, ids, positions, angles, seg):
             outs = []
             for blk in blocks:
-                x, st = blk(x, ids, positions, angles, seg, dense_csa)
+                x, st = self.call(blk, x, ids, positions, angles, seg, dense_csa)
                 outs.append(st)
             return x, jax.tree.map(lambda *v: jnp.stack(v), *outs)  # [period, ...]
 
         x, st = body(tuple(self.blocks), x, ids, positions, angles, seg)  # [count, period, ...]
         return x, jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), st)
+
+
+def _remat(cfg: ModelConfig):
+    """The block call, rematerialised per cfg.remat."""
+    def call(blk, *args):
+        return blk(*args)
+
+    if cfg.remat == "none":
+        return call
+    policy = jax.checkpoint_policies.checkpoint_dots if cfg.remat == "save_matmuls" else None
+    return nnx.remat(call, policy=policy)
 
 
 def _stacked_block(cfg: ModelConfig, kind: Kind, count: int, rngs: nnx.Rngs) -> Block:
@@ -190,7 +203,8 @@ class Model(nnx.Module):
             mtp_logits.append(self.logits(h))
             stats.append(jax.tree.map(lambda v: v[None], st))
         st = jax.tree.map(lambda *v: jnp.concatenate(v), *stats)
-        return logits, ModelAux(tuple(mtp_logits), st["counts"], st["f"], st["p"], st["kl"], st["dropped"])
+        return logits, ModelAux(tuple(mtp_logits), st["counts"], st["f"], st["p"], st["kl"],
+                                st["kl_queries"], st["dropped"])
 
 
 def layer_block(model: Model, layer: int) -> Block:
@@ -204,6 +218,22 @@ def layer_block(model: Model, layer: int) -> Block:
             graphdef, state = nnx.split(blk)
             return nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
     raise IndexError(f"layer {layer} out of range (n_layers={model.cfg.n_layers})")
+
+
+def update_routing_bias(model: Model, counts_LE, gamma: float) -> None:
+    """Auxiliary-loss-free balancing: on every score-routed layer (MTP included; rows of
+    `counts_LE` in ModelAux order), bias_i -= gamma if expert i got more than its fair share of
+    (token, slot) pairs, += gamma if fewer."""
+    counts = counts_LE.astype(F32)
+    delta = -gamma * jnp.sign(counts - counts.mean(-1, keepdims=True))
+    for seg in model.segments:
+        for j, blk in enumerate(seg.blocks):
+            if not hasattr(blk.ffn, "bias"):
+                continue
+            rows = delta[jnp.asarray([seg.start + i * seg.period + j for i in range(seg.count)])]
+            blk.ffn.bias.set_value(blk.ffn.bias.get_value() + (rows[0] if seg.count == 1 else rows))
+    for m, mtp in enumerate(model.mtp):
+        mtp.block.ffn.bias.set_value(mtp.block.ffn.bias.get_value() + delta[model.cfg.n_layers + m])
 
 
 def build(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Model:

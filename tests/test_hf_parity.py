@@ -150,8 +150,8 @@ def test_attention_layer_and_moe_block(five, captured):
     r = rec["model.layers.3.self_attn"]
     x = r["inputs"][0]
     pos = jnp.arange(x.shape[1])
-    got, kl = blk.attn(jnp.asarray(x), pos, rope_angles(m.cfg, pos, True))
-    assert rel_err(got, r["outputs"][0]) < 1e-5 and float(kl) > 0
+    got, (kl, queries) = blk.attn(jnp.asarray(x), pos, rope_angles(m.cfg, pos, True))
+    assert rel_err(got, r["outputs"][0]) < 1e-5 and float(kl) > 0 and int(queries) > 0
     r = rec["model.layers.3.mlp"]
     x = r["inputs"][0]
     got, stats = blk.ffn(jnp.asarray(x), jnp.asarray(ids, jnp.int32))

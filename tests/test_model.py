@@ -150,7 +150,9 @@ def test_indexer_kl_by_hand():
     scores = rng.normal(size=(1, 3, 5)).astype(np.float32)
     probs = rng.uniform(size=(1, 3, 2, 5)).astype(np.float32)
     mask = np.array([[[1, 1, 0, 0, 0], [1, 1, 1, 0, 1], [0, 0, 0, 0, 0]]], bool)
-    got = float(indexer_kl(jnp.asarray(scores), jnp.asarray(probs), jnp.asarray(mask)))
+    total, count = indexer_kl(jnp.asarray(scores), jnp.asarray(probs), jnp.asarray(mask))
+    assert int(count) == 2
+    got = float(total) / int(count)
     want = []
     for q in range(2):
         sel = mask[0, q]

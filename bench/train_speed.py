@@ -1,0 +1,214 @@
+"""Training throughput: our jitted train step against HF transformers' PyTorch DeepSeek-V4.
+
+Usage: python bench/train_speed.py [--steps N] [--warmup W] [--batch B] [--seq S]
+                                   [--presets tiny,small] [--torch-threads T]
+
+Per preset, both frameworks train the same architecture (MTP off: HF has no MTP block) in
+float32 on the same random token batch:
+  ours   the real step of train/step.py (Muon + AdamW from train/optim.py, CE + balance +
+         indexer-KL loss, routing-bias update, donated state, pinned shardings) on a mesh
+         data=8 over 8 emulated CPU devices, and on a mesh of 1 device;
+  torch  transformers.DeepseekV4ForCausalLM (eager attention and experts, train mode),
+         torch.optim.AdamW, loss = model(input_ids, labels=input_ids).loss, balanced hash table.
+Each runs W untimed warm-up steps (our compile), then N timed steps. The parameter counts of
+both models are asserted equal first. MFU uses model.flops_per_token(cfg, S)["train"].
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from model import flops_per_token, param_counts  # noqa: E402
+from model.moe import balanced_hash_table  # noqa: E402
+from parallel import MeshConfig, Rules, create_sharded, make_mesh, sharded  # noqa: E402
+from train.config import load_run_config  # noqa: E402
+from train.optim import make_optimizer, schedule  # noqa: E402
+from train.step import init_state, make_train_step  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEAK_FLOPS = 6.0e10  # FLOP/s of the whole 2-core machine: its measured float32 matmul rate
+CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
+
+
+def hf_config_dict(cfg) -> dict:
+    """HF DeepSeek-V4 config.json content for a ModelConfig: the inverse of model.hf.config_from_hf."""
+    hca = sorted({r for r in cfg.compress_ratios if r and not cfg.is_csa(r)})
+    if len(hca) > 1:
+        raise ValueError(f"HF supports one HCA ratio; compress_ratios has {hca}")
+    yarn = cfg.original_seq_len > 0
+    d = {
+        "model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": 1, "head_dim": cfg.head_dim,
+        "qk_rope_head_dim": cfg.rope_head_dim, "q_lora_rank": cfg.q_lora_rank,
+        "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank, "sliding_window": cfg.window_size,
+        "layer_types": ["sliding_attention" if r == 0 else CSA if cfg.is_csa(r) else HCA
+                        for r in cfg.compress_ratios],
+        "compress_rates": {CSA: cfg.csa_ratio, HCA: hca[0] if hca else 128},
+        "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
+        "index_topk": cfg.index_topk, "rope_theta": cfg.rope_theta,
+        "compress_rope_theta": cfg.compress_rope_theta,
+        "max_position_embeddings": int(cfg.original_seq_len * cfg.rope_factor) if yarn else 65536,
+        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.n_activated_experts, "moe_intermediate_size": cfg.moe_inter_dim,
+        "num_hash_layers": cfg.n_hash_layers, "scoring_func": cfg.score_func, "norm_topk_prob": True,
+        "routed_scaling_factor": cfg.route_scale, "swiglu_limit": cfg.swiglu_limit,
+        "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters, "hc_eps": cfg.hc_eps,
+        "rms_norm_eps": cfg.norm_eps, "num_nextn_predict_layers": cfg.n_mtp_layers,
+        "initializer_range": cfg.init_std, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 0, "eos_token_id": 1,
+    }
+    if yarn:  # YaRN on the compressed layers only
+        d["rope_scaling"] = {"type": "yarn", "factor": cfg.rope_factor, "beta_fast": cfg.beta_fast,
+                             "original_max_position_embeddings": cfg.original_seq_len,
+                             "beta_slow": cfg.beta_slow}
+    return d
+
+
+def timed(step, sync, warmup: int, steps: int) -> float:
+    """Seconds per step over `steps` calls of step(), after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def time_ours(run_cfg, devices, tokens, warmup: int, steps: int) -> float:
+    """Our train step on a data-parallel mesh over `devices`, as train/main.py runs it."""
+    cfg = run_cfg.model
+    mesh = make_mesh(MeshConfig(data=len(devices)), cfg, devices=devices, global_batch=tokens.shape[0])
+    rules = Rules(run_cfg.rules)
+    net = create_sharded(cfg, mesh, rules, seed=run_cfg.train.seed)
+    tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, nnx.state(net, nnx.Param))
+    graphdef, state = init_state(net, tx)
+    del net
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                         else jax.device_put(x, replicated), state)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = make_train_step(graphdef, tx, run_cfg, schedule(run_cfg.optim, run_cfg.train.steps))
+    ones = np.ones(tokens[:, 1:].shape, np.int32)
+    local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
+             "loss_mask": ones.astype(np.float32)}
+    batch = jax.device_put(local, NamedSharding(mesh, rules.spec(("batch", None))))
+    holder = {"state": state, "metrics": None}
+    with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
+        jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None))
+
+        def one():
+            holder["state"], holder["metrics"] = jstep(holder["state"], batch)
+
+        sec = timed(one, lambda: jax.block_until_ready(holder), warmup, steps)
+    loss = float(holder["metrics"]["loss"])
+    assert np.isfinite(loss), f"our loss is not finite: {loss}"
+    return sec
+
+
+def build_torch(cfg):
+    """HF DeepseekV4ForCausalLM for `cfg` in float32, train mode, eager, balanced hash tables."""
+    import torch
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    d = hf_config_dict(cfg)
+    for key in ("model_type", "architectures"):
+        d.pop(key)
+    torch.manual_seed(0)
+    net = DeepseekV4ForCausalLM._from_config(DeepseekV4Config(**d), dtype=torch.float32,
+                                             attn_implementation="eager", experts_implementation="eager")
+    net = net.to(torch.float32).train()
+    with torch.no_grad():
+        for name, buf in net.named_buffers():
+            if name.endswith("tid2eid"):  # model.layers.{i}.mlp.gate.tid2eid; all zeros at init
+                layer = int(name.split(".")[2])
+                table = balanced_hash_table(cfg.vocab_size, cfg.n_routed_experts,
+                                            cfg.n_activated_experts, cfg.hash_seed + layer)
+                buf.copy_(torch.from_numpy(table).to(buf.dtype))
+    return net
+
+
+def time_torch(net, tokens, warmup: int, steps: int) -> float:
+    import torch
+
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    ids = torch.from_numpy(tokens[:, :-1].astype(np.int64))
+    losses = []
+
+    def one():  # HF shifts the labels itself: S - 1 targets per row
+        loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    sec = timed(one, lambda: None, warmup, steps)
+    assert torch.isfinite(losses[-1]), f"torch loss is not finite: {losses[-1]}"
+    return sec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="global batch; a multiple of 8 (mesh data=8)")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.torch_threads)
+    b, s = args.batch, args.seq
+    print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
+    print(f"jax {jax.__version__} ({len(jax.devices())} emulated {jax.devices()[0].platform} devices), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+          f"{os.cpu_count()} CPU cores")
+    rows = []
+    for name in args.presets.split(","):
+        run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
+            f"model.preset={name}", "model.n_mtp_layers=0", "model.dtype=float32", "model.param_dtype=float32",
+            "mesh.data=8", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=1", f"data.global_batch={b}",
+            f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}"])
+        cfg = run_cfg.model
+        tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, s + 1), dtype=np.int32)
+        net = build_torch(cfg)
+        ours_n, torch_n = param_counts(cfg)["total"], sum(p.numel() for p in net.parameters())
+        assert ours_n == torch_n, f"{name}: parameter counts differ: ours {ours_n:,} vs HF {torch_n:,}"
+        print(f"  {name}: {ours_n:,} parameters in both; timing ...", flush=True)
+        times = {"ours, mesh data=8": time_ours(run_cfg, jax.devices(), tokens, args.warmup, args.steps),
+                 "ours, 1 device": time_ours(run_cfg, jax.devices()[:1], tokens, args.warmup, args.steps),
+                 "HF torch eager": time_torch(net, tokens, args.warmup, args.steps)}
+        del net
+        flops = flops_per_token(cfg, s)["train"]
+        for fw, sec in times.items():
+            rows.append((name, fw, ours_n, sec, b * s / sec, b * s / sec * flops / PEAK_FLOPS,
+                         times["HF torch eager"] / sec if fw.startswith("ours") else None))
+    print(f"\nTraining step, batch {b} x {s} random tokens, {args.warmup} warm-up + {args.steps} timed steps, "
+          "float32 everywhere. MTP disabled in both frameworks (n_mtp_layers=0; HF has no MTP block).")
+    print("Ours: Muon + AdamW, CE + balance + indexer-KL loss, routing-bias update (the real step). "
+          "HF: AdamW, CE only, eager attention and experts.")
+    print(f"MFU = tokens/s x model.flops_per_token(cfg, {s})['train'] / {PEAK_FLOPS:.1e} FLOP/s "
+          "(peak of the whole 2-core machine: its measured f32 matmul rate).\n")
+    print("| preset | framework | params | tokens/step | step ms | tokens/s | MFU | ours / torch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, fw, n, sec, tps, mfu, ratio in rows:
+        print(f"| {name} | {fw} | {n / 1e6:.2f}M | {b * s} | {1000 * sec:.1f} | {tps:,.0f} | "
+              f"{100 * mfu:.2f}% | {f'{ratio:.2f}x' if ratio else '-'} |")
+
+
+if __name__ == "__main__":
+    main()

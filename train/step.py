@@ -1,0 +1,157 @@
+"""Loss and the jitted train step: CE + MTP + balance + indexer KL + z-loss, bias update.
+
+Legend: B batch, S sequence, V vocab, L layers (main then MTP), E experts, M micro-batches.
+Every term is a *sum* divided by a denominator fixed by the whole batch (tokens, sequences,
+queries), so M micro-batches accumulate to exactly the gradient of one big batch.
+The train state is a dict of pure pytrees {step, params, rest, opt}; `rest` holds the routing
+biases and hash tables (never seen by the optimiser). The routing-bias update runs inside the
+step, after the optimiser, from the step's per-expert token counts.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from model.config import ModelConfig
+from model.transformer import update_routing_bias
+
+F32 = jnp.float32
+COUNTED = ("ce", "mtp", "z", "balance", "kl")
+
+
+def token_ce(logits, targets):
+    """Per-token cross-entropy and log-partition, float32."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0], lse
+
+
+def mtp_mask(mask_BS, depth: int):
+    """MTP block j predicts token t + j + 2: valid if every step t .. t+j+1 stays in the document."""
+    m = mask_BS
+    for i in range(1, depth + 2):
+        m = m * jnp.pad(mask_BS[:, i:], ((0, 0), (0, i)))
+    return m
+
+
+def shifted(targets_BS, k: int):
+    return jnp.pad(targets_BS[:, k:], ((0, 0), (0, k)))
+
+
+def loss_sums(logits, aux, batch, model_cfg: ModelConfig):
+    """Unnormalised sums of every loss term over one (micro-)batch."""
+    mask = batch["loss_mask"].astype(F32)
+    ce, lse = token_ce(logits, batch["targets"])
+    out = {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask)}
+    out["mtp"] = jnp.zeros((), F32)
+    for j, mtp_logits in enumerate(aux.mtp_logits):
+        ce_j, _ = token_ce(mtp_logits, shifted(batch["targets"], j + 1))
+        out["mtp"] += jnp.sum(ce_j * mtp_mask(mask, j)) / max(len(aux.mtp_logits), 1)
+    scored = jnp.asarray([i >= model_cfg.n_hash_layers or i >= model_cfg.n_layers
+                          for i in range(aux.balance_f.shape[0])], F32)
+    per_layer = jnp.sum(aux.balance_f * aux.balance_p, axis=(1, 2))       # summed over sequences
+    out["balance"] = jnp.sum(per_layer * scored) / jnp.maximum(jnp.sum(scored), 1.0)
+    out["kl"] = jnp.sum(aux.indexer_kl)
+    return out
+
+
+def denominators(batch, model_cfg: ModelConfig):
+    """Whole-batch normalisers: target tokens (per MTP depth too), sequences, query positions
+    (the KL loss averages over all queries, 0 for queries with no candidate yet)."""
+    mask = batch["loss_mask"].astype(F32)
+    b, s = mask.shape
+    return {"ce": jnp.sum(mask), "z": jnp.sum(mask),
+            "mtp": jnp.mean(jnp.stack([jnp.sum(mtp_mask(mask, j)) for j in range(max(model_cfg.n_mtp_layers, 1))])),
+            "balance": jnp.asarray(b, F32), "kl": jnp.asarray(b * s, F32)}
+
+
+def total_loss(sums, denoms, weights):
+    terms = {k: sums[k] / jnp.maximum(denoms[k], 1.0) for k in COUNTED}
+    loss = sum(weights[k] * terms[k] for k in COUNTED)
+    return loss, terms
+
+
+def loss_weights(loss_cfg, step, steps: int):
+    late = step >= int(loss_cfg.mtp_late_fraction * steps)
+    return {"ce": 1.0, "mtp": jnp.where(late, loss_cfg.mtp_weight_late, loss_cfg.mtp_weight),
+            "z": loss_cfg.z_loss, "balance": loss_cfg.balance_alpha, "kl": loss_cfg.indexer_weight}
+
+
+def micro_split(batch, m: int):
+    """[B, ...] -> [M, B/M, ...] taking every M-th row, so each device keeps a share of every
+    micro-batch (a contiguous split would leave devices idle)."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_grad_fn(graphdef, run_cfg):
+    """grads(params, rest, batch, step) -> (grads, sums, denoms, weights, expert counts, dropped),
+    accumulated over train.micro_batches micro-batches."""
+    model_cfg, loss_cfg, train_cfg = run_cfg.model, run_cfg.loss, run_cfg.train
+
+    def forward(params, rest, mb, denoms, weights, dense):
+        model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+        logits, aux = model(mb["inputs"], segment_ids=mb["segment_ids"], dense_csa=dense)
+        sums = loss_sums(logits, aux, mb, model_cfg)
+        loss, _ = total_loss(sums, denoms, weights)
+        return loss, (sums, aux.expert_counts, jnp.sum(aux.dropped_tokens))
+
+    grad_fn = jax.grad(forward, has_aux=True)
+
+    def grads(params, rest, batch, step):
+        denoms = denominators(batch, model_cfg)
+        weights = loss_weights(loss_cfg, step, train_cfg.steps)
+
+        def run(mb):  # the indexer's dense warm-up is a second branch, traced only when asked for
+            if loss_cfg.indexer_dense_steps == 0:
+                return grad_fn(params, rest, mb, denoms, weights, False)
+            return jax.lax.cond(step < loss_cfg.indexer_dense_steps,
+                                lambda: grad_fn(params, rest, mb, denoms, weights, True),
+                                lambda: grad_fn(params, rest, mb, denoms, weights, False))
+
+        if train_cfg.micro_batches == 1:
+            g, out = run(batch)
+        else:
+            micro = micro_split(batch, train_cfg.micro_batches)
+
+            def body(acc, mb):
+                return jax.tree.map(jnp.add, acc, run(mb)), None
+
+            first = run(jax.tree.map(lambda x: x[0], micro))
+            (g, out), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
+        sums, counts, dropped = out
+        return g, sums, denoms, weights, counts, dropped
+
+    return grads
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_schedule=None):
+    """step(state, batch) -> (state, metrics); jit it with donated state."""
+    grad_fn = make_grad_fn(graphdef, run_cfg)
+    gamma = run_cfg.loss.bias_gamma
+
+    def step(state, batch):
+        params, rest = state["params"], state["rest"]
+        grads, sums, denoms, weights, counts, dropped = grad_fn(params, rest, batch, state["step"])
+        loss, terms = total_loss(sums, denoms, weights)
+        updates, opt = tx.update(grads, state["opt"], params)
+        params = optax.apply_updates(params, updates)
+        model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+        update_routing_bias(model, counts, gamma)
+        rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        load = counts.astype(F32)
+        metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
+                   "tokens": denoms["ce"], "dropped_tokens": dropped,
+                   "lr": lr_schedule(state["step"]) if lr_schedule else jnp.zeros((), F32),
+                   "expert_load_max_over_mean": jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))}
+        return {"step": state["step"] + 1, "params": params, "rest": rest, "opt": opt}, metrics
+
+    return step
+
+
+def init_state(model, tx) -> tuple:
+    """(graphdef, state) from a (sharded) model; optimizer state created next to its params."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    opt = jax.jit(tx.init)(params)
+    return graphdef, {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt": opt}
