@@ -16,13 +16,12 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The training loop (train/) is the next piece of work; until it lands this target says so.
 train: $(STAMP)
-	@if [ -f train/__main__.py ]; then $(PY) -m train --config configs/tiny.yaml; \
-	else echo "make train: the training loop (train/) is not built yet; see README 'Status'"; exit 2; fi
+	$(PY) -m train --config configs/tiny.yaml
 
 bench: $(STAMP)
 	$(PY) bench/mesh_step.py
+	$(PY) bench/train_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,7 +7,7 @@ Per preset, both frameworks train the same architecture (MTP off: HF has no MTP 
 float32 on the same random token batch:
   ours   the real step of train/step.py (Muon + AdamW from train/optim.py, CE + balance +
          indexer-KL loss, routing-bias update, donated state, pinned shardings) on a mesh
-         data=8 over 8 emulated CPU devices, and on a mesh of 1 device;
+         fsdp=8 over 8 emulated CPU devices, and on a mesh of 1 device;
   torch  transformers.DeepseekV4ForCausalLM (eager attention and experts, train mode),
          torch.optim.AdamW, loss = model(input_ids, labels=input_ids).loss, balanced hash table.
 Each runs W untimed warm-up steps (our compile), then N timed steps. The parameter counts of
@@ -90,7 +90,9 @@ def timed(step, sync, warmup: int, steps: int) -> float:
 def time_ours(run_cfg, devices, tokens, warmup: int, steps: int) -> float:
     """Our train step on a data-parallel mesh over `devices`, as train/main.py runs it."""
     cfg = run_cfg.model
-    mesh = make_mesh(MeshConfig(data=len(devices)), cfg, devices=devices, global_batch=tokens.shape[0])
+    # FSDP: parameters and optimiser state split 8 ways (a data=8 copy of `small` per emulated
+    # device does not fit this machine's 24 GB); the batch is split over fsdp as over data
+    mesh = make_mesh(MeshConfig(data=1, fsdp=len(devices)), cfg, devices=devices, global_batch=tokens.shape[0])
     rules = Rules(run_cfg.rules)
     net = create_sharded(cfg, mesh, rules, seed=run_cfg.train.seed)
     tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, nnx.state(net, nnx.Param))
@@ -163,7 +165,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8, help="global batch; a multiple of 8 (mesh data=8)")
+    ap.add_argument("--batch", type=int, default=8, help="global batch; a multiple of 8 (mesh fsdp=8)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--presets", default="tiny,small")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
@@ -181,7 +183,7 @@ def main():
     for name in args.presets.split(","):
         run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
             f"model.preset={name}", "model.n_mtp_layers=0", "model.dtype=float32", "model.param_dtype=float32",
-            "mesh.data=8", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=1", f"data.global_batch={b}",
+            "mesh.data=1", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=8", f"data.global_batch={b}",
             f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}"])
         cfg = run_cfg.model
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, s + 1), dtype=np.int32)
@@ -189,7 +191,7 @@ def main():
         ours_n, torch_n = param_counts(cfg)["total"], sum(p.numel() for p in net.parameters())
         assert ours_n == torch_n, f"{name}: parameter counts differ: ours {ours_n:,} vs HF {torch_n:,}"
         print(f"  {name}: {ours_n:,} parameters in both; timing ...", flush=True)
-        times = {"ours, mesh data=8": time_ours(run_cfg, jax.devices(), tokens, args.warmup, args.steps),
+        times = {"ours, mesh fsdp=8": time_ours(run_cfg, jax.devices(), tokens, args.warmup, args.steps),
                  "ours, 1 device": time_ours(run_cfg, jax.devices()[:1], tokens, args.warmup, args.steps),
                  "HF torch eager": time_torch(net, tokens, args.warmup, args.steps)}
         del net

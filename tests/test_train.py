@@ -24,7 +24,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 def small_cfg(*overrides):
     return load_run_config(TINY, ["train.steps=10", "optim.warmup_steps=0", "data.global_batch=16",
-                                  "data.seq_len=32", *overrides])
+                                  "data.seq_len=32", "model.dtype=float32", *overrides])
 
 
 def first_batch(cfg):
@@ -163,14 +163,16 @@ def test_bias_update_moves_load_towards_balance():
     np.testing.assert_array_equal(layer_block(model, 0).ffn.tid2eid.get_value(), hashed)
 
 
+SHORT = ["train.steps=8", "optim.warmup_steps=2", "log.log_every=1", "log.profile_steps=[2,3]"]
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     runs = []
-    for name in ("a", "b"):
+    for name in ("a", "b"):  # run "a" also writes a profiler trace of steps 2..3
         d = tmp_path_factory.mktemp(name)
-        cfg = load_run_config(TINY, ["train.steps=8", "optim.warmup_steps=2", "log.log_every=1",
-                                     f"log.run_dir={d}"])
-        assert run(cfg) == 0
+        cfg = load_run_config(TINY, SHORT + [f"log.run_dir={d}"])
+        assert run(cfg, profile=name == "a") == 0
         runs.append((d, [json.loads(line) for line in open(d / "metrics.jsonl")]))
     return runs
 
@@ -184,8 +186,9 @@ def test_short_run_of_the_real_path_learns_and_logs(two_runs):
         assert np.isfinite(records[-1][key]), key
     events = read_events(next((d / "tb").iterdir()))
     assert [s for s, v in events if "loss" in v] == list(range(1, 9))
-    assert load_run_config(str(d / "config.yaml")) == load_run_config(
-        TINY, ["train.steps=8", "optim.warmup_steps=2", "log.log_every=1", f"log.run_dir={d}"])
+    assert load_run_config(str(d / "config.yaml")) == load_run_config(TINY, SHORT + [f"log.run_dir={d}"])
+    assert list((d / "profile").rglob("*.xplane.pb")), "no profiler trace"
+    assert not (two_runs[1][0] / "profile").exists()
 
 
 def test_same_seed_gives_bitwise_identical_losses(two_runs):

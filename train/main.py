@@ -63,6 +63,11 @@ def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
     mesh = make_mesh(cfg.mesh, model_cfg, global_batch=cfg.data.global_batch)
     rules = Rules(cfg.rules)
     corpus = describe_corpus(cfg.data)
+    if corpus["vocab_size"] > model_cfg.vocab_size:
+        from model.config import ConfigError
+
+        raise ConfigError(f"data.tokenizer: its {corpus['vocab_size']} ids do not fit "
+                          f"model.vocab_size={model_cfg.vocab_size}")
     print(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
 
     model = create_sharded(model_cfg, mesh, rules, seed=cfg.train.seed)
