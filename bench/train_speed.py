@@ -26,14 +26,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
 from model import flops_per_token, param_counts  # noqa: E402
 from model.moe import balanced_hash_table  # noqa: E402
 from parallel import MeshConfig, Rules, create_sharded, make_mesh, sharded  # noqa: E402
 from train.config import load_run_config  # noqa: E402
 from train.optim import make_optimizer, schedule  # noqa: E402
-from train.step import init_state, make_train_step  # noqa: E402
+from train.step import init_state, make_train_step, place_state  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_FLOPS = 6.0e10  # FLOP/s of the whole 2-core machine: its measured float32 matmul rate
@@ -98,10 +98,7 @@ def time_ours(run_cfg, devices, tokens, warmup: int, steps: int) -> float:
     tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, nnx.state(net, nnx.Param))
     graphdef, state = init_state(net, tx)
     del net
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
-                         else jax.device_put(x, replicated), state)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    state, shardings = place_state(state, mesh)
     step_fn = make_train_step(graphdef, tx, run_cfg, schedule(run_cfg.optim, run_cfg.train.steps))
     ones = np.ones(tokens[:, 1:].shape, np.int32)
     local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
@@ -165,6 +162,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--optim", default="muon", choices=("muon", "adamw"), help="our optimiser (HF always uses AdamW)")
     ap.add_argument("--batch", type=int, default=8, help="global batch; a multiple of 8 (mesh fsdp=8)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--presets", default="tiny,small")
@@ -184,7 +182,7 @@ def main():
         run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
             f"model.preset={name}", "model.n_mtp_layers=0", "model.dtype=float32", "model.param_dtype=float32",
             "mesh.data=1", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=8", f"data.global_batch={b}",
-            f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}"])
+            f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}", f"optim.name={args.optim}"])
         cfg = run_cfg.model
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, s + 1), dtype=np.int32)
         net = build_torch(cfg)
@@ -201,7 +199,7 @@ def main():
                          times["HF torch eager"] / sec if fw.startswith("ours") else None))
     print(f"\nTraining step, batch {b} x {s} random tokens, {args.warmup} warm-up + {args.steps} timed steps, "
           "float32 everywhere. MTP disabled in both frameworks (n_mtp_layers=0; HF has no MTP block).")
-    print("Ours: Muon + AdamW, CE + balance + indexer-KL loss, routing-bias update (the real step). "
+    print(f"Ours: {'Muon + AdamW' if args.optim == 'muon' else 'AdamW'}, CE + balance + indexer-KL loss, routing-bias update (the real step). "
           "HF: AdamW, CE only, eager attention and experts.")
     print(f"MFU = tokens/s x model.flops_per_token(cfg, {s})['train'] / {PEAK_FLOPS:.1e} FLOP/s "
           "(peak of the whole 2-core machine: its measured f32 matmul rate).\n")

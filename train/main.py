@@ -54,7 +54,7 @@ def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
     from train.data import describe_corpus, make_iterator
     from train.metrics import EventWriter, JsonlWriter, Progress
     from train.optim import make_optimizer, schedule
-    from train.step import init_state, make_train_step
+    from train.step import init_state, make_train_step, place_state
 
     model_cfg = cfg.model
     run_dir = cfg.log.run_dir
@@ -74,10 +74,7 @@ def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
     tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
     graphdef, state = init_state(model, tx)
     del model
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                         else jax.device_put(x, replicated), state)  # step counter, optimiser counts
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state, state_shardings = place_state(state, mesh)
     step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps))
     batch_sharding = jax.sharding.NamedSharding(mesh, rules.spec(("batch", None)))
     flops = flops_per_token(model_cfg, cfg.data.seq_len)["train"]

@@ -151,9 +151,11 @@ def _parse_event(b: bytes) -> tuple[int, dict[str, float]]:
 
 
 class JsonlWriter:
-    def __init__(self, path: str):
+    """One JSON object per line; `append=False` starts the file afresh (a new run)."""
+
+    def __init__(self, path: str, append: bool = False):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._f = open(path, "a")
+        self._f = open(path, "a" if append else "w")
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")

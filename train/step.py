@@ -149,6 +149,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_sche
     return step
 
 
+def place_state(state, mesh):
+    """(state, its shardings) with every leaf on `mesh`: leaves created outside the sharded
+    initialiser (the step counter, optimiser counts) are replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                         else jax.device_put(x, replicated), state)
+    return state, jax.tree.map(lambda x: x.sharding, state)
+
+
 def init_state(model, tx) -> tuple:
     """(graphdef, state) from a (sharded) model; optimizer state created next to its params."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
