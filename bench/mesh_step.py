@@ -55,7 +55,7 @@ def main():
     base = rows[0][1]
     print(f"\ntiny model, batch {args.batch} x {args.seq} tokens, forward+backward, {args.steps} steps, "
           f"jax {jax.__version__}, 8 emulated CPU devices")
-    print(f"| mesh | step ms | ratio to data=8 | first call (compile) s |")
+    print("| mesh | step ms | ratio to data=8 | first call (compile) s |")
     print("|---|---|---|---|")
     for name, t, c in rows:
         print(f"| {name} | {1000 * t:.1f} | {t / base:.2f} | {c:.1f} |")

@@ -25,15 +25,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from model import flops_per_token, param_counts  # noqa: E402
 from model.moe import balanced_hash_table  # noqa: E402
-from parallel import MeshConfig, Rules, create_sharded, make_mesh, sharded  # noqa: E402
+from parallel import MeshConfig, Rules, make_mesh, sharded  # noqa: E402
 from train.config import load_run_config  # noqa: E402
-from train.optim import make_optimizer, schedule  # noqa: E402
-from train.step import init_state, make_train_step, place_state  # noqa: E402
+from train.main import setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_FLOPS = 6.0e10  # FLOP/s of the whole 2-core machine: its measured float32 matmul rate
@@ -94,12 +92,7 @@ def time_ours(run_cfg, devices, tokens, warmup: int, steps: int) -> float:
     # device does not fit this machine's 24 GB); the batch is split over fsdp as over data
     mesh = make_mesh(MeshConfig(data=1, fsdp=len(devices)), cfg, devices=devices, global_batch=tokens.shape[0])
     rules = Rules(run_cfg.rules)
-    net = create_sharded(cfg, mesh, rules, seed=run_cfg.train.seed)
-    tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, nnx.state(net, nnx.Param))
-    graphdef, state = init_state(net, tx)
-    del net
-    state, shardings = place_state(state, mesh)
-    step_fn = make_train_step(graphdef, tx, run_cfg, schedule(run_cfg.optim, run_cfg.train.steps))
+    state, shardings, step_fn = setup(run_cfg, mesh, rules)
     ones = np.ones(tokens[:, 1:].shape, np.int32)
     local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
              "loss_mask": ones.astype(np.float32)}

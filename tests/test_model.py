@@ -169,7 +169,7 @@ def test_sparse_csa_equals_dense_when_topk_covers_all_blocks():
     m = build(cfg, rngs=nnx.Rngs(2))
     ids = rand_ids(cfg, 2, 40, 5)
     fwd = nnx.jit(lambda m, ids, dense: m(ids, dense_csa=dense), static_argnums=2)
-    (a, aux_a), (b, aux_b) = fwd(m, ids, False), fwd(m, ids, True)
+    (a, _), (b, _) = fwd(m, ids, False), fwd(m, ids, True)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     small = preset("tiny", n_mtp_layers=0)  # top-4 of up to 10 blocks: sparse now differs
     ms = build(small, rngs=nnx.Rngs(2))

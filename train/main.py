@@ -42,19 +42,32 @@ def main(argv=None) -> int:
         return 2
 
 
+def setup(cfg, mesh, rules):
+    """(train state on `mesh`, its shardings, the un-jitted step function) for a RunConfig:
+    the model initialised into its shards, the optimiser state beside it."""
+    from flax import nnx
+
+    from parallel import create_sharded
+    from train.optim import make_optimizer, schedule
+    from train.step import init_state, make_train_step, place_state
+
+    model = create_sharded(cfg.model, mesh, rules, seed=cfg.train.seed)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
+    graphdef, state = init_state(model, tx)
+    state, shardings = place_state(state, mesh)
+    return state, shardings, make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps))
+
+
 def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
     """Train per `cfg`; returns the process exit code. `max_steps` stops early (tests)."""
     import jax
     import numpy as np
-    from flax import nnx
 
     from model.counts import flops_per_token
-    from parallel import Rules, create_sharded, describe, make_mesh, sharded
+    from parallel import Rules, describe, make_mesh, sharded
     from train.config import format_config, save_resolved
     from train.data import describe_corpus, make_iterator
     from train.metrics import EventWriter, JsonlWriter, Progress
-    from train.optim import make_optimizer, schedule
-    from train.step import init_state, make_train_step, place_state
 
     model_cfg = cfg.model
     run_dir = cfg.log.run_dir
@@ -70,12 +83,7 @@ def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
                           f"model.vocab_size={model_cfg.vocab_size}")
     print(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
 
-    model = create_sharded(model_cfg, mesh, rules, seed=cfg.train.seed)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
-    graphdef, state = init_state(model, tx)
-    del model
-    state, state_shardings = place_state(state, mesh)
-    step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps))
+    state, state_shardings, step_fn = setup(cfg, mesh, rules)
     batch_sharding = jax.sharding.NamedSharding(mesh, rules.spec(("batch", None)))
     flops = flops_per_token(model_cfg, cfg.data.seq_len)["train"]
     peak = cfg.log.peak_flops * len(jax.devices())
