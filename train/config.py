@@ -187,20 +187,27 @@ class TrainConfig(_Section):
     moe_transport: str = "auto"
     capacity_factor: float | None = None
     devices: int | None = 8  # emulated CPU devices when on CPU; None = all real devices
+    max_bad_steps: int = 5  # stop (exit 3) after this many consecutive non-finite steps
 
     def _validate(self):
-        _bounds(self, "train", gt0=("steps", "micro_batches", "capacity_factor", "devices"))
+        _bounds(self, "train", gt0=("steps", "micro_batches", "capacity_factor", "devices",
+                                    "max_bad_steps"))
         _one_of(self.moe_transport, TRANSPORTS, "train.moe_transport")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig(_Section):
-    dir: str | None = None
-    interval_steps: int = 0  # 0: no periodic checkpoints
-    keep: int = 3
+    enabled: bool = True  # also saves at the end of the run and on SIGTERM
+    dir: str | None = None  # local path or gs://...; None = RUN_DIR/checkpoints
+    interval_steps: int = 100  # 0: no step-based saves
+    interval_minutes: float = 0.0  # 0: no time-based saves
+    keep: int = 3  # the newest N checkpoints are kept ...
+    keep_every: int = 0  # ... and every step divisible by this (0: none)
+    async_save: bool = True  # write in a background thread while training continues
 
     def _validate(self):
-        _bounds(self, "checkpoint", gt0=("keep",), ge0=("interval_steps",))
+        _bounds(self, "checkpoint", gt0=("keep",),
+                ge0=("interval_steps", "interval_minutes", "keep_every"))
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,7 @@ class LogConfig(_Section):
     log_every: int = 10
     tensorboard: bool = True
     profile_steps: tuple[int, int] | None = None  # [start, stop) of a profiler trace
+    example_ids: bool = False  # write RUN_DIR/examples.jsonl: tokens per document id per step
     peak_flops: float = 6.0e10  # per device (CPU's measured f32 matmul peak), for MFU
 
     def _validate(self):

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         return 2
 
 
-def setup(cfg, mesh, rules):
+def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = ()):
     """(train state on `mesh`, its shardings, the un-jitted step function) for a RunConfig:
     the model initialised into its shards, the optimiser state beside it."""
     from flax import nnx
@@ -55,16 +55,65 @@ def setup(cfg, mesh, rules):
     tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
     graphdef, state = init_state(model, tx)
     state, shardings = place_state(state, mesh)
-    return state, shardings, make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps))
+    step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps), nan_steps)
+    return state, shardings, step_fn
+
+
+def fault_nan_steps() -> tuple[int, ...]:
+    """DEEPFLAX_FAULT_NAN_STEPS="3,7-9": step indices whose gradients are replaced by NaN
+    (fault injection for the bad-step tests; empty in normal runs)."""
+    out = []
+    for part in filter(None, os.environ.get("DEEPFLAX_FAULT_NAN_STEPS", "").split(",")):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(out)
+
+
+class Preemption:
+    """Turns SIGTERM (the preemption notice of TPU VMs, GKE and SLURM) into a flag the loop
+    checks after every step: save, flush, exit 0."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def close(self):
+        import signal
+
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
-    """Train per `cfg`; returns the process exit code. `max_steps` stops early (tests)."""
+    """Train per `cfg`, resuming from its newest good checkpoint; returns the exit code:
+    0 done or preempted (saved), 3 too many consecutive bad steps, 4 a checkpoint failure.
+    `max_steps` stops early (tests)."""
+    from train.checkpoint import CheckpointError, ModelMismatch
+
+    preemption = Preemption()
+    try:
+        return _run(cfg, profile, max_steps, preemption)
+    except ModelMismatch as e:
+        print(f"\ncheckpoint error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"\ncheckpoint error: {e}", file=sys.stderr)
+        return 4
+    finally:
+        preemption.close()
+
+
+def _run(cfg, profile, max_steps, preemption) -> int:
     import jax
     import numpy as np
 
     from model.counts import flops_per_token
     from parallel import Rules, describe, make_mesh, sharded
+    from train.checkpoint import Checkpointer
     from train.config import format_config, save_resolved
     from train.data import describe_corpus, make_iterator
     from train.metrics import EventWriter, JsonlWriter, Progress
@@ -83,21 +132,42 @@ def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
                           f"model.vocab_size={model_cfg.vocab_size}")
     print(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
 
-    state, state_shardings, step_fn = setup(cfg, mesh, rules)
+    nan_steps = fault_nan_steps()
+    if nan_steps:
+        print(f"fault injection: NaN gradients at steps {list(nan_steps)}")
+    state, state_shardings, step_fn = setup(cfg, mesh, rules, nan_steps)
     batch_sharding = jax.sharding.NamedSharding(mesh, rules.spec(("batch", None)))
     flops = flops_per_token(model_cfg, cfg.data.seq_len)["train"]
     peak = cfg.log.peak_flops * len(jax.devices())
 
     it = make_iterator(cfg.data)
-    jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
-    tb = EventWriter(os.path.join(run_dir, "tb")) if cfg.log.tensorboard else None
+    ckpt, start = None, 0
+    if cfg.checkpoint.enabled:
+        ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+        ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, cfg.to_dict())
+        if ckpt.steps():
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
+            start, state, data_state = ckpt.restore_latest(target)
+            it.set_state(data_state)
+            print(f"resumed from step {start} in {ckpt_dir}")
     steps = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
-    bar = Progress(steps)
+    if start >= steps:
+        print(f"nothing to do: checkpoint step {start} >= {steps} steps "
+              "(raise train.steps, or use another log.run_dir / checkpoint.dir)")
+        ckpt and ckpt.close()
+        return 0
+    jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"), resume_step=start)
+    examples = JsonlWriter(os.path.join(run_dir, "examples.jsonl"), resume_step=start) \
+        if cfg.log.example_ids else None
+    tb = EventWriter(os.path.join(run_dir, "tb")) if cfg.log.tensorboard else None
+    bar = Progress(steps, start=start)
     prof = tuple(cfg.log.profile_steps or (3, 5)) if profile else None
+    code, record = 0, None
     with sharded(mesh, rules, cfg.train.moe_transport, cfg.train.capacity_factor):
         jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
-        t_last, tokens_since, pending = time.perf_counter(), 0.0, []
-        for step in range(steps):
+        t_last, pending = time.perf_counter(), []
+        for step in range(start, steps):
             if prof and step == prof[0]:
                 jax.profiler.start_trace(os.path.join(run_dir, "profile"))
             batch = next(it)
@@ -105,30 +175,54 @@ def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
             gbatch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
             state, metrics = jstep(state, gbatch)
             pending.append(metrics)
+            if examples:
+                ids, counts = np.unique(batch["doc_ids"][batch["doc_ids"] >= 0], return_counts=True)
+                examples.write({"step": step + 1, "tokens": dict(zip(map(str, ids.tolist()), counts.tolist()))})
             if prof and step == prof[1]:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
                 print(f"profile trace written to {os.path.join(run_dir, 'profile')}")
-            if (step + 1) % cfg.log.log_every and step + 1 != steps:
+            last = step + 1 == steps or preemption.requested
+            saving = ckpt is not None and (last or ckpt.due(step + 1))
+            if (step + 1) % cfg.log.log_every and not last and not saving:
                 continue
             fetched = jax.device_get(pending)
             now = time.perf_counter()
-            tokens_since = sum(float(m["tokens"]) for m in fetched)
             tok_s = cfg.data.global_batch * cfg.data.seq_len * len(fetched) / (now - t_last)
             t_last, pending = now, []
             record = {k: float(v) for k, v in fetched[-1].items()}
             record.update(step=step + 1, tokens_per_s=tok_s, mfu=tok_s * flops / peak,
-                          target_tokens=tokens_since)
+                          target_tokens=sum(float(m["tokens"]) for m in fetched))
             jsonl.write(record)
             if tb:
                 tb.scalars(step + 1, record)
             bar.update(step + 1, record["loss"], tok_s)
-            if not np.isfinite(record["loss"]):
-                print(f"\nloss is not finite at step {step + 1}; stopping", file=sys.stderr)
-                return 1
+            streak = max(int(m["bad_streak"]) for m in fetched)
+            if streak >= cfg.train.max_bad_steps:
+                print(f"\nstopping: {streak} consecutive steps with a non-finite loss or gradient "
+                      f"(train.max_bad_steps={cfg.train.max_bad_steps}) up to step {step + 1}; "
+                      "parameters were left unchanged by them and nothing after the last good "
+                      "step was checkpointed", file=sys.stderr)
+                code = 3
+                break
+            if saving:
+                if record["bad_streak"]:
+                    print(f"\nstep {step + 1}: not checkpointed (the last {int(record['bad_streak'])} "
+                          "steps were skipped as non-finite)")
+                else:
+                    ckpt.save(step + 1, state, it.get_state())
+            if preemption.requested:
+                saved = f"checkpointed step {step + 1}" if ckpt else "checkpoints are off, nothing saved"
+                print(f"\nSIGTERM: {saved}; exiting so the job can be rescheduled "
+                      "(resume with the same command)")
+                break
     bar.close()
     jsonl.close()
+    examples and examples.close()
     if tb:
         tb.close()
-    print(f"done: {steps} steps, final loss {record['loss']:.4f}; metrics in {run_dir}")
-    return 0
+    if ckpt:
+        ckpt.close()
+    if code == 0 and not preemption.requested:
+        print(f"done: {steps} steps, final loss {record['loss']:.4f}; metrics in {run_dir}")
+    return code

@@ -151,11 +151,25 @@ def _parse_event(b: bytes) -> tuple[int, dict[str, float]]:
 
 
 class JsonlWriter:
-    """One JSON object per line; `append=False` starts the file afresh (a new run)."""
+    """One JSON object per line. `resume_step=None` starts the file afresh (a new run); a step
+    number keeps the records up to that step (a run resumed from its checkpoint rewrites what
+    came after, and a line torn by a crash is dropped)."""
 
-    def __init__(self, path: str, append: bool = False):
+    def __init__(self, path: str, resume_step: int | None = None):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._f = open(path, "a" if append else "w")
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        self._f = open(path, "w")
+        self._f.writelines(kept)
+        self._f.flush()
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")

@@ -3,9 +3,15 @@
 Legend: B batch, S sequence, V vocab, L layers (main then MTP), E experts, M micro-batches.
 Every term is a *sum* divided by a denominator fixed by the whole batch (tokens, sequences,
 queries), so M micro-batches accumulate to exactly the gradient of one big batch.
-The train state is a dict of pure pytrees {step, params, rest, opt}; `rest` holds the routing
-biases and hash tables (never seen by the optimiser). The routing-bias update runs inside the
-step, after the optimiser, from the step's per-expert token counts.
+The train state is a dict of pure pytrees {step, params, rest, opt, bad, skipped}; `rest` holds
+the routing biases and hash tables (never seen by the optimiser). The routing-bias update runs
+inside the step, after the optimiser, from the step's per-expert token counts.
+
+Bad steps: when the loss or the gradient norm is not finite, the step keeps params, rest and
+opt exactly (a select on every leaf: multiplying by zero would keep NaN, and
+`optax.apply_if_finite` gives up after a fixed count); `step` still advances (the batch is
+consumed), `bad` counts consecutive bad steps and `skipped` all of them. The loop stops the
+run when `bad` reaches train.max_bad_steps.
 """
 from __future__ import annotations
 
@@ -125,26 +131,37 @@ def make_grad_fn(graphdef, run_cfg):
     return grads
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_schedule=None):
-    """step(state, batch) -> (state, metrics); jit it with donated state."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_schedule=None,
+                    nan_steps: tuple[int, ...] = ()):
+    """step(state, batch) -> (state, metrics); jit it with donated state. `nan_steps` injects
+    NaN gradients at those step indices (fault-injection tests of the bad-step path)."""
     grad_fn = make_grad_fn(graphdef, run_cfg)
     gamma = run_cfg.loss.bias_gamma
 
     def step(state, batch):
         params, rest = state["params"], state["rest"]
         grads, sums, denoms, weights, counts, dropped = grad_fn(params, rest, batch, state["step"])
+        if nan_steps:
+            poison = jnp.isin(state["step"], jnp.asarray(nan_steps))
+            grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
         loss, terms = total_loss(sums, denoms, weights)
+        grad_norm = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], params)
-        params = optax.apply_updates(params, updates)
-        model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+        new_params = optax.apply_updates(params, updates)
+        model = nnx.merge(graphdef, nnx.State(new_params), nnx.State(rest))
         update_routing_bias(model, counts, gamma)
-        rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = {"params": (new_params, params), "rest": (new_rest, rest), "opt": (opt, state["opt"])}
+        kept = {k: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old) for k, (new, old) in keep.items()}
+        bad = jnp.where(ok, 0, state["bad"] + 1)
         load = counts.astype(F32)
-        metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
                    "tokens": denoms["ce"], "dropped_tokens": dropped,
                    "lr": lr_schedule(state["step"]) if lr_schedule else jnp.zeros((), F32),
-                   "expert_load_max_over_mean": jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))}
-        return {"step": state["step"] + 1, "params": params, "rest": rest, "opt": opt}, metrics
+                   "expert_load_max_over_mean": jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)),
+                   "bad_streak": bad, "skipped_steps": state["skipped"] + (~ok)}
+        return {"step": state["step"] + 1, **kept, "bad": bad, "skipped": metrics["skipped_steps"]}, metrics
 
     return step
 
@@ -163,4 +180,7 @@ def init_state(model, tx) -> tuple:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     opt = jax.jit(tx.init)(params)
-    return graphdef, {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt": opt}
+    def zero():  # separate buffers: the step donates every leaf
+        return jnp.zeros((), jnp.int32)
+
+    return graphdef, {"step": zero(), "params": params, "rest": rest, "opt": opt, "bad": zero(), "skipped": zero()}
