@@ -104,8 +104,9 @@ def _sha256(obj) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 400 else f"{text[:200]} ... {text[-200:]}"  # keep the OS reason
 
 
 # --- the manager ----------------------------------------------------------------------------
@@ -128,6 +129,18 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint.dir {self.directory}: cannot be used: {_first_line(e)}") from e
         self._pending: int | None = None
         self._last_save = time.monotonic()
+        self._probe()
+
+    def _probe(self) -> None:
+        """Write and delete a small file: a read-only or full directory fails here, at once and
+        in the caller's thread (Orbax would find it in a background thread and wait for its
+        coordination timeout, 5 minutes, before reporting)."""
+        probe = epath.Path(self.directory) / f".write-probe-{os.getpid()}"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint.dir {self.directory} is not writable: {_first_line(e)}") from e
 
     # saving
     def due(self, step: int) -> bool:
@@ -141,6 +154,7 @@ class Checkpointer:
         by default: returns once the arrays are copied off the devices. Raises CheckpointError
         for this or an earlier save that failed."""
         self._finish_pending()
+        self._probe()
         meta = {"format": FORMAT, "step": step, "time": time.time(), "config": self.run_config,
                 "data_sha256": _sha256(data_state),
                 "leaves": {p: {"shape": list(np.shape(x)), "dtype": str(x.dtype), "fingerprint": f}
@@ -230,7 +244,8 @@ class Checkpointer:
     def _check_fits(self, step: int, meta: dict, target) -> None:
         """Raise ModelMismatch naming the first leaf whose presence, shape or dtype differs."""
         saved = meta["leaves"]
-        here = {p: x for p, x in zip(leaf_paths(target), jax.tree.leaves(target))}
+        here = dict(sorted(zip(leaf_paths(target), jax.tree.leaves(target)),  # parameters first
+                           key=lambda px: not px[0].startswith("params/")))
         problem = next((f"{p} is in this run but not in the checkpoint" for p in here if p not in saved), None)
         problem = problem or next((f"{p} is in the checkpoint but not in this run" for p in saved if p not in here), None)
         for p, x in here.items():

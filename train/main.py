@@ -132,6 +132,10 @@ def _run(cfg, profile, max_steps, preemption) -> int:
                           f"model.vocab_size={model_cfg.vocab_size}")
     print(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
 
+    ckpt, start = None, 0
+    if cfg.checkpoint.enabled:  # before any compile: an unusable directory fails at once
+        ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+        ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, cfg.to_dict())
     nan_steps = fault_nan_steps()
     if nan_steps:
         print(f"fault injection: NaN gradients at steps {list(nan_steps)}")
@@ -141,10 +145,7 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     peak = cfg.log.peak_flops * len(jax.devices())
 
     it = make_iterator(cfg.data)
-    ckpt, start = None, 0
-    if cfg.checkpoint.enabled:
-        ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-        ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, cfg.to_dict())
+    if ckpt:
         if ckpt.steps():
             target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
             jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
