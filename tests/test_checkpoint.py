@@ -35,7 +35,7 @@ from train.main import setup
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 STEPS = 16
-FAST = ["model.n_layers=2", "model.compress_ratios=[0,4]", "model.n_hash_layers=1",
+FAST = ["model.n_layers=2", "model.dtype=float32", "model.compress_ratios=[0,4]", "model.n_hash_layers=1",
         "data.seq_len=32", "data.global_batch=8", "optim.warmup_steps=2", "log.log_every=1",
         "log.tensorboard=false", "log.example_ids=true", f"train.steps={STEPS}"]
 
@@ -43,7 +43,7 @@ FAST = ["model.n_layers=2", "model.compress_ratios=[0,4]", "model.n_hash_layers=
 # --- helpers --------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):
-    """A small corpus (about one epoch every 12 steps) and a compilation cache for the runs."""
+    """A small corpus: about one epoch every 12 steps."""
     d = tmp_path_factory.mktemp("ckpt")
     rng = random.Random(0)
     words = ["thou", "art", "the", "king", "of", "night", "and", "day", "sweet", "rose", "fair"]
@@ -60,8 +60,7 @@ def overrides(work, run_dir, *extra):
 
 def launch(work, run_dir, *extra, env=None, preexec=None):
     cmd = [sys.executable, "-m", "train", "--config", TINY, *overrides(work, run_dir, *extra)]
-    full_env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(work / "jax-cache"),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    full_env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # conftest's cache
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(env or {})}
     full_env.pop("XLA_FLAGS", None)  # the trainer sets its own device count (train.devices)
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
@@ -308,13 +307,14 @@ def test_kill_and_sigterm_then_resume_bit_for_bit(work, reference):
     proc.kill()
     proc.wait()
     # 3. SIGTERM: saves the step it reached and exits 0
+    resume_at = max(committed(run_dir), default=0)
     proc = launch(work, run_dir, "checkpoint.interval_steps=3")
-    wait_for(lambda: max((r["step"] for r in records(run_dir)), default=0) >= 10, proc)
+    wait_for(lambda: max((r["step"] for r in records(run_dir)), default=0) >= resume_at + 2, proc)
     proc.send_signal(signal.SIGTERM)
     code, out = finish(proc)
     assert code == 0 and "SIGTERM: checkpointed step" in out, out[-3000:]
     stopped = int(out.split("SIGTERM: checkpointed step ")[1].split(";")[0])
-    assert committed(run_dir)[-1] == stopped < STEPS
+    assert committed(run_dir)[-1] == stopped < STEPS, (committed(run_dir), out[-3000:])
     # 4. resume to the end
     code, out = finish(launch(work, run_dir, "checkpoint.interval_steps=3"))
     assert code == 0 and f"resumed from step {stopped}" in out, out[-3000:]
@@ -365,7 +365,7 @@ def test_nan_step_leaves_the_state_bit_for_bit(work):
     from train.data import make_iterator
 
     cfg = load_run_config(TINY, overrides(work, work / "unused", "mesh.expert=1", "mesh.tensor=1",
-                                          "mesh.data=1", "model.dtype=float32"))
+                                          "mesh.data=1"))
     mesh = make_mesh(cfg.mesh, cfg.model, devices=jax.devices()[:1], global_batch=8)
     state, _, step_fn = setup(cfg, mesh, Rules(cfg.rules), nan_steps=(0,))
     batch = {k: jnp.asarray(v) for k, v in next(make_iterator(cfg.data)).items() if k != "doc_ids"}
@@ -391,18 +391,15 @@ def data8(work):
 def test_restore_onto_other_meshes_is_exact(work, data8):
     cfg = load_run_config(TINY, overrides(work, work / "unused"))
     restored = {}
-    for name, mesh_cfg, devices in (("data8", MeshConfig(data=8), jax.devices()),
-                                    ("d2e2t2", cfg.mesh, jax.devices()),
+    for name, mesh_cfg, devices in (("d2e2t2", cfg.mesh, jax.devices()),
                                     ("4 devices", MeshConfig(data=2, expert=2), jax.devices()[:4])):
         mesh = make_mesh(mesh_cfg, cfg.model, devices=devices, global_batch=8)
         state, _, _ = setup(cfg, mesh, Rules(cfg.rules))
         ck = Checkpointer(os.path.join(data8, "checkpoints"), cfg.checkpoint)
         restored[name], _ = ck.restore(8, state)  # verifies every leaf's fingerprint too
         ck.close()
-        leaf = restored[name]["params"]["embed"] if "embed" in restored[name]["params"] else None
-        assert leaf is None or leaf.sharding.mesh.size == len(devices)
-    assert_same(restored["data8"], restored["d2e2t2"])
-    assert_same(restored["data8"], restored["4 devices"])
+        assert {d for x in jax.tree.leaves(restored[name]) for d in x.sharding.device_set} == set(devices)
+    assert_same(restored["d2e2t2"], restored["4 devices"])
 
 
 @pytest.mark.parametrize("mesh", [("mesh.data=2", "mesh.expert=2", "mesh.tensor=2"),

@@ -189,6 +189,7 @@ def test_short_run_of_the_real_path_learns_and_logs(two_runs):
     assert load_run_config(str(d / "config.yaml")) == load_run_config(TINY, SHORT + [f"log.run_dir={d}"])
     assert list((d / "profile").rglob("*.xplane.pb")), "no profiler trace"
     assert not (two_runs[1][0] / "profile").exists()
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["8"]  # the final save
 
 
 def test_same_seed_gives_bitwise_identical_losses(two_runs):
