@@ -307,9 +307,11 @@ def test_kill_and_sigterm_then_resume_bit_for_bit(work, reference):
     proc.kill()
     proc.wait()
     # 3. SIGTERM: saves the step it reached and exits 0
-    resume_at = max(committed(run_dir), default=0)
+    resume_at, started = max(committed(run_dir), default=0), time.time()
     proc = launch(work, run_dir, "checkpoint.interval_steps=3")
-    wait_for(lambda: max((r["step"] for r in records(run_dir)), default=0) >= resume_at + 2, proc)
+    metrics = os.path.join(run_dir, "metrics.jsonl")  # rewritten (trimmed) by the resumed run
+    wait_for(lambda: os.path.getmtime(metrics) > started and
+             max((r["step"] for r in records(run_dir)), default=0) >= resume_at + 2, proc)
     proc.send_signal(signal.SIGTERM)
     code, out = finish(proc)
     assert code == 0 and "SIGTERM: checkpointed step" in out, out[-3000:]
