@@ -94,8 +94,12 @@ def leaf_paths(tree) -> list[str]:
 
 def fingerprints(tree) -> dict[str, str]:
     """{leaf path: 16 hex digits}, computed where the leaves live."""
-    leaves = jax.tree.leaves(tree)
-    values = np.asarray(jax.device_get(_fingerprint_all(leaves)))
+    out = _fingerprint_all(jax.tree.leaves(tree))
+    if not out.is_fully_addressable:  # several processes: gather the (tiny) result
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)
+    values = np.asarray(jax.device_get(out))
     return {p: f"{int(a):08x}{int(b):08x}" for p, (a, b) in zip(leaf_paths(tree), values)}
 
 
@@ -151,7 +155,7 @@ class Checkpointer:
         """Write and delete a small file: a read-only or full directory fails here, at once and
         in the caller's thread (Orbax would find it in a background thread and wait for its
         coordination timeout, 5 minutes, before reporting)."""
-        probe = epath.Path(self.directory) / f".write-probe-{os.getpid()}"
+        probe = epath.Path(self.directory) / f".write-probe-{jax.process_index()}-{os.getpid()}"
         try:
             probe.write_text("ok")
             probe.unlink()
@@ -163,6 +167,10 @@ class Checkpointer:
         """Whether the interval settings ask for a save after `step` steps."""
         by_steps = self.cfg.interval_steps and step % self.cfg.interval_steps == 0
         by_time = self.cfg.interval_minutes and time.monotonic() - self._last_save >= 60 * self.cfg.interval_minutes
+        if self.cfg.interval_minutes and jax.process_count() > 1:  # clocks differ: process 0 decides
+            from jax.experimental import multihost_utils
+
+            by_time = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(by_time))))
         return bool(by_steps or by_time)
 
     def save(self, step: int, state, data_state: dict) -> None:
@@ -285,10 +293,16 @@ class Checkpointer:
         src = epath.Path(self.directory) / str(step)
         dst = epath.Path(self.directory + ".corrupt") / f"{step}-{int(time.time())}"
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            src.rename(dst)
+            if jax.process_index() == 0:  # every process reached the same verdict; one moves it
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                src.rename(dst)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"step {step} in {self.directory} is corrupt and could not be moved "
                                   f"aside ({_first_line(e)}); move or delete it, then resume") from e
+        finally:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"deepflax-quarantine-{step}")
         self._mngr.reload()
         return os.fspath(dst)

@@ -13,6 +13,12 @@ next row) and yields, all of shape [seq_len]:
   doc_ids           int32    stable id of each input token's document (-1 = padding)
 A batch stacks `global_batch // process_count` rows; a short last batch (finite epochs only)
 is filled with padding rows so every batch has the same shape.
+
+Several processes: the corpus is split into `num_shards` data shards (default one per process);
+process p reads shards [p*k, (p+1)*k), k = num_shards / process_count, and its rows of a global
+batch are those shards' rows in shard order (`ProcessIterator`). With num_shards fixed, the
+global batches do not depend on the process count, and neither does the saved position (one
+state per shard), so a run may resume on another number of hosts.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ class DataConfig:
     num_epochs: int | None = None  # None = repeat forever
     worker_count: int = 0  # 0 = read in this process
     worker_buffer_size: int = 2
+    num_shards: int | None = None  # data shards; None = one per process (fix it to change hosts)
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
@@ -84,6 +91,9 @@ def _validate(c: DataConfig) -> None:
            f"must be a positive integer or null (repeat forever), got {c.num_epochs!r}")
     _check(_is_int(c.worker_count) and c.worker_count >= 0, "worker_count",
            f"must be an integer >= 0 (0 = no worker processes), got {c.worker_count!r}")
+    _check(c.num_shards is None or (_is_int(c.num_shards) and c.num_shards > 0
+                                    and c.global_batch % c.num_shards == 0), "num_shards",
+           f"must be null or a positive divisor of global_batch={c.global_batch}, got {c.num_shards!r}")
 
 
 # --- sources: every one is a random-access sequence of documents, id = position -------------
@@ -293,6 +303,38 @@ def make_iterator(cfg: DataConfig, *, shard_index: int | None = None,
                   shard_count: int | None = None) -> grain.DatasetIterator:
     """An iterator of batches whose get_state()/set_state() resume bitwise (JSON state)."""
     return iter(make_dataset(cfg, shard_index=shard_index, shard_count=shard_count))
+
+
+class ProcessIterator:
+    """This process's rows of each global batch: its data shards' batches concatenated in shard
+    order. State: {"num_shards": S, "shards": {"i": shard state}} for the shards it reads; a
+    merge of every process's state restores under any process count that divides S."""
+
+    def __init__(self, cfg: DataConfig, process_index: int = 0, process_count: int = 1):
+        self.num_shards = cfg.num_shards or process_count
+        if self.num_shards % process_count:
+            raise ConfigError(f"data.num_shards: {self.num_shards} shards cannot be split evenly "
+                              f"over {process_count} processes")
+        k = self.num_shards // process_count
+        self._its = {i: make_iterator(cfg, shard_index=i, shard_count=self.num_shards)
+                     for i in range(process_index * k, (process_index + 1) * k)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self._its.values()]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"num_shards": self.num_shards, "shards": {str(i): it.get_state() for i, it in self._its.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("num_shards") != self.num_shards:
+            raise ValueError(f"data iterator state has {state.get('num_shards')} shards, this run "
+                             f"{self.num_shards}; set data.num_shards={state.get('num_shards')} to resume it")
+        for i, it in self._its.items():
+            it.set_state(state["shards"][str(i)])
 
 
 # --- JSON state -----------------------------------------------------------------------------

@@ -17,6 +17,10 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/tiny.yaml", help="run configuration YAML")
     ap.add_argument("--profile", action="store_true", help="write a JAX profiler trace of log.profile_steps")
+    ap.add_argument("--coordinator", help="HOST:PORT of process 0, for an explicit multi-process launch")
+    ap.add_argument("--num-processes", type=int, help="processes in the job (explicit launch)")
+    ap.add_argument("--process-id", type=int, help="this process's index (explicit launch)")
+    ap.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for every process to join")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
     return ap.parse_args(argv)
 
@@ -31,15 +35,25 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from train.distributed import DistributedError, check_same_config, detect, initialize
+    from train.config import format_config
+
     import jax
 
     if cfg.train.devices and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
-        jax.config.update("jax_num_cpu_devices", cfg.train.devices)
+        jax.config.update("jax_num_cpu_devices", cfg.train.devices)  # per process
     try:
+        launch = detect(args.coordinator, args.num_processes, args.process_id)
+        print(f"distributed runtime: {launch.describe()}", file=sys.stderr)
+        initialize(launch, args.init_timeout)
+        check_same_config(format_config(cfg))
         return run(cfg, profile=args.profile)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        print(f"distributed error: {e}", file=sys.stderr)
+        return 5
 
 
 def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = ()):
@@ -70,22 +84,46 @@ def fault_nan_steps() -> tuple[int, ...]:
 
 
 class Preemption:
-    """Turns SIGTERM (the preemption notice of TPU VMs, GKE and SLURM) into a flag the loop
-    checks after every step: save, flush, exit 0."""
+    """SIGTERM (the preemption notice of TPU VMs, GKE and SLURM) -> save, flush, exit 0.
+
+    One process: a signal handler sets a flag. Several: JAX's distributed runtime catches the
+    signal on whichever host gets it and its preemption sync manager picks the same step for
+    every process (`reached_preemption_sync_point`, asked after every step)."""
 
     def __init__(self):
         import signal
 
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        import jax
+
+        self.requested, self._multi = False, jax.process_count() > 1
+        if not self._multi:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        if self._multi and not self.requested:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def close(self):
         import signal
 
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._multi:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Quiet:
+    """Stands in for the printer and the log writers on processes other than 0."""
+
+    def __call__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return self
 
 
 def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
@@ -115,13 +153,17 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     from parallel import Rules, describe, make_mesh, sharded
     from train.checkpoint import Checkpointer
     from train.config import format_config, save_resolved
-    from train.data import describe_corpus, make_iterator
+    from train.data import ProcessIterator, describe_corpus
+    from train.distributed import global_data_state
     from train.metrics import EventWriter, JsonlWriter, Progress
 
     model_cfg = cfg.model
     run_dir = cfg.log.run_dir
-    print(format_config(cfg))
-    print(f"resolved config saved to {save_resolved(cfg, run_dir)}")
+    main_process = jax.process_index() == 0  # only process 0 prints and writes logs
+    say = print if main_process else _Quiet()
+    say(format_config(cfg))
+    if main_process:
+        say(f"resolved config saved to {save_resolved(cfg, run_dir)}")
     mesh = make_mesh(cfg.mesh, model_cfg, global_batch=cfg.data.global_batch)
     rules = Rules(cfg.rules)
     corpus = describe_corpus(cfg.data)
@@ -130,39 +172,40 @@ def _run(cfg, profile, max_steps, preemption) -> int:
 
         raise ConfigError(f"data.tokenizer: its {corpus['vocab_size']} ids do not fit "
                           f"model.vocab_size={model_cfg.vocab_size}")
-    print(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
+    say(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
 
     ckpt, start = None, 0
     if cfg.checkpoint.enabled:  # before any compile: an unusable directory fails at once
         ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-        ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, cfg.to_dict())
+        ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, cfg.to_dict(), log=say)
     nan_steps = fault_nan_steps()
     if nan_steps:
-        print(f"fault injection: NaN gradients at steps {list(nan_steps)}")
+        say(f"fault injection: NaN gradients at steps {list(nan_steps)}")
     state, state_shardings, step_fn = setup(cfg, mesh, rules, nan_steps)
     batch_sharding = jax.sharding.NamedSharding(mesh, rules.spec(("batch", None)))
     flops = flops_per_token(model_cfg, cfg.data.seq_len)["train"]
     peak = cfg.log.peak_flops * len(jax.devices())
 
-    it = make_iterator(cfg.data)
+    it = ProcessIterator(cfg.data, jax.process_index(), jax.process_count())
     if ckpt:
         if ckpt.steps():
             target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
             jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
             start, state, data_state = ckpt.restore_latest(target)
             it.set_state(data_state)
-            print(f"resumed from step {start} in {ckpt_dir}")
+            say(f"resumed from step {start} in {ckpt_dir}")
     steps = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
     if start >= steps:
-        print(f"nothing to do: checkpoint step {start} >= {steps} steps "
+        say(f"nothing to do: checkpoint step {start} >= {steps} steps "
               "(raise train.steps, or use another log.run_dir / checkpoint.dir)")
         ckpt and ckpt.close()
         return 0
-    jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"), resume_step=start)
+    quiet = _Quiet()
+    jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"), resume_step=start) if main_process else quiet
     examples = JsonlWriter(os.path.join(run_dir, "examples.jsonl"), resume_step=start) \
-        if cfg.log.example_ids else None
-    tb = EventWriter(os.path.join(run_dir, "tb")) if cfg.log.tensorboard else None
-    bar = Progress(steps, start=start)
+        if cfg.log.example_ids and main_process else None
+    tb = EventWriter(os.path.join(run_dir, "tb")) if cfg.log.tensorboard and main_process else None
+    bar = Progress(steps, start=start) if main_process else quiet
     prof = tuple(cfg.log.profile_steps or (3, 5)) if profile else None
     code, record = 0, None
     with sharded(mesh, rules, cfg.train.moe_transport, cfg.train.capacity_factor):
@@ -182,8 +225,8 @@ def _run(cfg, profile, max_steps, preemption) -> int:
             if prof and step == prof[1]:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
-                print(f"profile trace written to {os.path.join(run_dir, 'profile')}")
-            last = step + 1 == steps or preemption.requested
+                say(f"profile trace written to {os.path.join(run_dir, 'profile')}")
+            last = preemption.reached(step + 1) or step + 1 == steps
             saving = ckpt is not None and (last or ckpt.due(step + 1))
             if (step + 1) % cfg.log.log_every and not last and not saving:
                 continue
@@ -200,7 +243,7 @@ def _run(cfg, profile, max_steps, preemption) -> int:
             bar.update(step + 1, record["loss"], tok_s)
             streak = max(int(m["bad_streak"]) for m in fetched)
             if streak >= cfg.train.max_bad_steps:
-                print(f"\nstopping: {streak} consecutive steps with a non-finite loss or gradient "
+                say(f"\nstopping: {streak} consecutive steps with a non-finite loss or gradient "
                       f"(train.max_bad_steps={cfg.train.max_bad_steps}) up to step {step + 1}; "
                       "parameters were left unchanged by them and nothing after the last good "
                       "step was checkpointed", file=sys.stderr)
@@ -208,13 +251,13 @@ def _run(cfg, profile, max_steps, preemption) -> int:
                 break
             if saving:
                 if record["bad_streak"]:
-                    print(f"\nstep {step + 1}: not checkpointed (the last {int(record['bad_streak'])} "
+                    say(f"\nstep {step + 1}: not checkpointed (the last {int(record['bad_streak'])} "
                           "steps were skipped as non-finite)")
                 else:
-                    ckpt.save(step + 1, state, it.get_state())
+                    ckpt.save(step + 1, state, global_data_state(it.get_state()))
             if preemption.requested:
                 saved = f"checkpointed step {step + 1}" if ckpt else "checkpoints are off, nothing saved"
-                print(f"\nSIGTERM: {saved}; exiting so the job can be rescheduled "
+                say(f"\nSIGTERM: {saved}; exiting so the job can be rescheduled "
                       "(resume with the same command)")
                 break
     bar.close()
@@ -225,5 +268,5 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     if ckpt:
         ckpt.close()
     if code == 0 and not preemption.requested:
-        print(f"done: {steps} steps, final loss {record['loss']:.4f}; metrics in {run_dir}")
+        say(f"done: {steps} steps, final loss {record['loss']:.4f}; metrics in {run_dir}")
     return code

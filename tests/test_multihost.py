@@ -1,0 +1,145 @@
+"""Several processes: the trainer as 2 processes x 4 CPU devices on 127.0.0.1 (gloo), against
+the 1-process 8-device run; checkpoints across process counts; SIGTERM to one process;
+different configurations on different processes; how a launch is detected."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train.distributed import DistributedError, Launch, detect
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+STEPS = 16  # the programs equal tests/test_checkpoint.py's: the session's compilation cache serves both
+COMMON = ["model.n_layers=2", "model.dtype=float32", "model.compress_ratios=[0,4]",
+          "model.n_hash_layers=1", "data.seq_len=32", "data.global_batch=8", "data.num_shards=2",
+          "optim.warmup_steps=2", "log.log_every=1", "log.tensorboard=false", f"train.steps={STEPS}",
+          "checkpoint.interval_steps=4"]
+
+
+# --- launch detection (pure) ----------------------------------------------------------------
+def test_detect_modes():
+    assert detect(env={}) == Launch("single")
+    assert detect("10.0.0.1:1234", 4, 2, env={}) == Launch("explicit", "10.0.0.1:1234", 4, 2)
+    env = {"DEEPFLAX_COORDINATOR": "h:1", "DEEPFLAX_NUM_PROCESSES": "2", "DEEPFLAX_PROCESS_ID": "1"}
+    assert detect(env=env) == Launch("explicit", "h:1", 2, 1)
+    assert detect(process_id=0, env=env).process_id == 0  # a flag beats the variable
+    assert detect(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}).mode == "slurm"
+    assert detect(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}).mode == "single"
+    assert detect(env={"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}).mode == "cloud-tpu"
+    assert detect(env={"TPU_WORKER_HOSTNAMES": "localhost"}).mode == "single"
+    assert detect(env={"MEGASCALE_COORDINATOR_ADDRESS": "c:8080"}).mode == "cloud-tpu"
+    with pytest.raises(DistributedError, match=r"missing \['--num-processes', '--process-id'\]"):
+        detect("h:1", env={})
+    with pytest.raises(DistributedError, match=r"--process-id 2 is not in \[0, 2\)"):
+        detect("h:1", 2, 2, env={})
+
+
+# --- real processes -------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    e = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def start(run_dir, *extra, processes=2, timeout=120, per_process=()):
+    """Launch the trainer: 1 process x 8 devices, or `processes` x 8/processes devices."""
+    port, procs = free_port(), []
+    for i in range(processes):
+        dist = [] if processes == 1 else ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                          str(processes), "--process-id", str(i), "--init-timeout", str(timeout)]
+        cmd = [sys.executable, "-m", "train", "--config", TINY, *dist, *COMMON,
+               f"train.devices={8 // processes}", f"log.run_dir={run_dir}", *extra,
+               *(per_process[i] if per_process else ())]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one")
+    codes, outs = finish(start(run_dir, processes=1))
+    assert codes == [0], outs[0][-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two")
+    codes, outs = finish(start(run_dir))
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    return run_dir, outs
+
+
+def test_two_processes_equal_one(one_process, two_processes):
+    run_dir, outs = two_processes
+    assert "explicit: process 1 of 2" in outs[1]
+    assert f"step {STEPS}/{STEPS}" in outs[0] and f"step {STEPS}/" not in outs[1]  # only process 0 reports
+    one, two = losses(one_process), losses(run_dir)
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-6)
+
+
+def _resume(tmp_path, source, step, processes):
+    run_dir = tmp_path / f"resume{processes}"
+    os.makedirs(run_dir / "checkpoints")
+    os.system(f"cp -r {source}/checkpoints/{step} {run_dir}/checkpoints/")
+    codes, outs = finish(start(run_dir, processes=processes))
+    assert set(codes) == {0} and f"resumed from step {step}" in outs[0], "\n".join(o[-3000:] for o in outs)
+    return losses(run_dir)
+
+
+def test_checkpoints_cross_process_counts(one_process, two_processes, tmp_path):
+    two_dir, _ = two_processes
+    want = losses(one_process)
+    for source, processes in ((two_dir, 1), (one_process, 2)):
+        got = _resume(tmp_path, source, 4, processes)
+        assert sorted(got) == list(range(5, STEPS + 1))
+        np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
+    run_dir = tmp_path / "term"
+    procs = start(run_dir, "checkpoint.interval_steps=100")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    t = time.time()
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+        assert time.time() - t < 400 and all(p.poll() is None for p in procs), "trainers exited early"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes, outs = finish(procs)
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    saved = int(outs[0].split("SIGTERM: checkpointed step ")[1].split(";")[0])
+    assert saved < STEPS and os.listdir(run_dir / "checkpoints") == [str(saved)]
+
+
+def test_different_configs_fail_clearly(tmp_path):
+    t = time.time()
+    codes, outs = finish(start(tmp_path / "mixed", per_process=[["optim.lr=1e-3"], ["optim.lr=2e-3"]]), timeout=300)
+    assert codes == [5, 5], "\n".join(o[-3000:] for o in outs)
+    assert all("the processes run different configurations: processes [1] differ from process 0" in o
+               for o in outs)
+    assert time.time() - t < 120
