@@ -238,6 +238,24 @@ def test_another_model_names_the_parameter(fast_state, tmp_path):
     assert Checkpointer(str(tmp_path / "ck"), cfg.checkpoint).steps() == [3]  # nothing moved aside
 
 
+def test_retention_and_intervals(tmp_path, monkeypatch):
+    from train.config import CheckpointConfig
+
+    state = {"w": jnp.arange(6.0)}
+    ck = Checkpointer(str(tmp_path / "ck"), CheckpointConfig(keep=2, keep_every=3))
+    for step in range(1, 8):
+        ck.save(step, jax.tree.map(lambda x: x + step, state), {})
+    ck.close()
+    assert Checkpointer(str(tmp_path / "ck"), CheckpointConfig()).steps() == [3, 6, 7]  # every 3rd + newest 2
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    ck = Checkpointer(str(tmp_path / "ck2"), CheckpointConfig(interval_steps=4, interval_minutes=2))
+    assert [s for s in range(1, 10) if ck.due(s)] == [4, 8]
+    now[0] += 121
+    assert ck.due(5)  # two minutes since the last save (here: since start)
+    ck.close()
+
+
 def _no_dac_override():
     """preexec_fn: a root child loses CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH from its bounding
     set, so file permissions bind it as they bind any user (CI runs as root)."""

@@ -116,8 +116,8 @@ def test_checkpoints_cross_process_counts(one_process, two_processes, tmp_path):
     two_dir, _ = two_processes
     want = losses(one_process)
     for source, processes in ((two_dir, 1), (one_process, 2)):
-        got = _resume(tmp_path, source, 4, processes)
-        assert sorted(got) == list(range(5, STEPS + 1))
+        got = _resume(tmp_path, source, 8, processes)  # kept: 8, 12, 16
+        assert sorted(got) == list(range(9, STEPS + 1))
         np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
 
 
@@ -143,3 +143,17 @@ def test_different_configs_fail_clearly(tmp_path):
     assert all("the processes run different configurations: processes [1] differ from process 0" in o
                for o in outs)
     assert time.time() - t < 120
+
+
+def test_pod_config_of_the_launch_recipes_resolves():
+    """configs/v4-flash-pod.yaml (launch/) loads, and its mesh resolves on the recipes' pods."""
+    from parallel.mesh import validate
+    from train.config import load_run_config
+
+    cfg = load_run_config(os.path.join(ROOT, "configs", "v4-flash-pod.yaml"))
+    for chips, fsdp in ((256, 16), (64, 4)):  # v5p-512, v5p-128 (4x4x4, the GKE JobSet)
+        sizes = cfg.mesh.resolve(chips)
+        assert sizes == {"data": 1, "fsdp": fsdp, "expert": 16, "tensor": 1}
+        validate(sizes, cfg.model, cfg.data.global_batch)
+    for recipe in ("tpu-vm.sh", "slurm.sbatch", "gke-jobset.yaml"):
+        assert "configs/v4-flash-pod.yaml" in open(os.path.join(ROOT, "launch", recipe)).read()
