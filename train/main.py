@@ -3,7 +3,13 @@
 Order matters: the run configuration is read and validated in plain Python first (a bad value
 fails in one line, before JAX starts); then the device count is fixed, the mesh is built and
 validated, the model is initialised directly into its shards, and the jitted step (donated
-state, pinned output shardings) runs over the Grain pipeline.
+state, pinned output shardings) runs over the Grain pipeline. A run directory with
+checkpoints resumes from the newest good one (train/checkpoint.py); several processes join
+through train/distributed.py (--coordinator / --num-processes / --process-id, or detected).
+
+Exit codes: 0 done, or preempted by SIGTERM and saved; 2 a configuration error or a checkpoint
+of another model; 3 train.max_bad_steps consecutive non-finite steps; 4 a checkpoint that could
+not be written or no usable checkpoint; 5 the processes of a job could not form or disagree.
 """
 from __future__ import annotations
 
@@ -42,18 +48,20 @@ def main(argv=None) -> int:
 
     if cfg.train.devices and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
         jax.config.update("jax_num_cpu_devices", cfg.train.devices)  # per process
+    from train.checkpoint import CheckpointError, ModelMismatch
+
+    errors = ((ConfigError, "config error", 2), (ModelMismatch, "checkpoint error", 2),
+              (CheckpointError, "checkpoint error", 4), (DistributedError, "distributed error", 5))
     try:
         launch = detect(args.coordinator, args.num_processes, args.process_id)
         print(f"distributed runtime: {launch.describe()}", file=sys.stderr)
         initialize(launch, args.init_timeout)
         check_same_config(format_config(cfg))
         return run(cfg, profile=args.profile)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DistributedError as e:
-        print(f"distributed error: {e}", file=sys.stderr)
-        return 5
+    except tuple(t for t, _, _ in errors) as e:
+        label, code = next((label, code) for t, label, code in errors if isinstance(e, t))
+        print(f"\n{label}: {e}", file=sys.stderr)
+        return code
 
 
 def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = ()):
@@ -127,20 +135,13 @@ class _Quiet:
 
 
 def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
-    """Train per `cfg`, resuming from its newest good checkpoint; returns the exit code:
-    0 done or preempted (saved), 3 too many consecutive bad steps, 4 a checkpoint failure.
-    `max_steps` stops early (tests)."""
-    from train.checkpoint import CheckpointError, ModelMismatch
-
+    """Train per `cfg`, resuming from its newest good checkpoint; returns 0 (done, or preempted
+    and saved) or 3 (train.max_bad_steps consecutive bad steps). Raises ConfigError,
+    CheckpointError (ModelMismatch) or DistributedError, which `main` turns into exit codes
+    2, 4 (2) and 5. `max_steps` stops early (tests)."""
     preemption = Preemption()
     try:
         return _run(cfg, profile, max_steps, preemption)
-    except ModelMismatch as e:
-        print(f"\ncheckpoint error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"\ncheckpoint error: {e}", file=sys.stderr)
-        return 4
     finally:
         preemption.close()
 
@@ -197,7 +198,7 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     steps = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
     if start >= steps:
         say(f"nothing to do: checkpoint step {start} >= {steps} steps "
-              "(raise train.steps, or use another log.run_dir / checkpoint.dir)")
+            "(raise train.steps, or use another log.run_dir / checkpoint.dir)")
         ckpt and ckpt.close()
         return 0
     quiet = _Quiet()
@@ -244,21 +245,21 @@ def _run(cfg, profile, max_steps, preemption) -> int:
             streak = max(int(m["bad_streak"]) for m in fetched)
             if streak >= cfg.train.max_bad_steps:
                 say(f"\nstopping: {streak} consecutive steps with a non-finite loss or gradient "
-                      f"(train.max_bad_steps={cfg.train.max_bad_steps}) up to step {step + 1}; "
-                      "parameters were left unchanged by them and nothing after the last good "
-                      "step was checkpointed", file=sys.stderr)
+                    f"(train.max_bad_steps={cfg.train.max_bad_steps}) up to step {step + 1}; "
+                    "parameters were left unchanged by them and nothing after the last good "
+                    "step was checkpointed", file=sys.stderr)
                 code = 3
                 break
-            if saving:
-                if record["bad_streak"]:
-                    say(f"\nstep {step + 1}: not checkpointed (the last {int(record['bad_streak'])} "
-                          "steps were skipped as non-finite)")
-                else:
-                    ckpt.save(step + 1, state, global_data_state(it.get_state()))
+            saved = saving and not record["bad_streak"]
+            if saved:
+                ckpt.save(step + 1, state, global_data_state(it.get_state()))
+            elif saving:
+                say(f"\nstep {step + 1}: not checkpointed (the last {int(record['bad_streak'])} "
+                    "steps were skipped as non-finite)")
             if preemption.requested:
-                saved = f"checkpointed step {step + 1}" if ckpt else "checkpoints are off, nothing saved"
-                say(f"\nSIGTERM: {saved}; exiting so the job can be rescheduled "
-                      "(resume with the same command)")
+                what = f"checkpointed step {step + 1}" if saved else "nothing new checkpointed"
+                say(f"\nSIGTERM: {what}; exiting so the job can be rescheduled "
+                    "(resume with the same command)")
                 break
     bar.close()
     jsonl.close()
