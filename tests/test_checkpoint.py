@@ -242,7 +242,8 @@ def test_retention_and_intervals(tmp_path, monkeypatch):
     from train.config import CheckpointConfig
 
     state = {"w": jnp.arange(6.0)}
-    ck = Checkpointer(str(tmp_path / "ck"), CheckpointConfig(keep=2, keep_every=3))
+    monkeypatch.chdir(tmp_path)  # a relative directory, as in configs/tiny.yaml's runs/tiny
+    ck = Checkpointer("ck", CheckpointConfig(keep=2, keep_every=3))
     for step in range(1, 8):
         ck.save(step, jax.tree.map(lambda x: x + step, state), {})
     ck.close()

@@ -138,7 +138,9 @@ class Checkpointer:
 
     def __init__(self, directory: str, cfg, run_config: dict | None = None,
                  log: Callable[[str], None] = print):
-        self.directory, self.cfg, self.run_config, self.log = str(directory), cfg, run_config or {}, log
+        directory = str(directory)  # Orbax needs absolute local paths (gs:// and the like are)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.cfg, self.run_config, self.log = cfg, run_config or {}, log
         _register_array_handler()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
