@@ -103,6 +103,11 @@ def fingerprints(tree) -> dict[str, str]:
     return {p: f"{int(a):08x}{int(b):08x}" for p, (a, b) in zip(leaf_paths(tree), values)}
 
 
+def abstract(tree):
+    """ShapeDtypeStructs (with shardings) of a tree of arrays: a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def _sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -252,8 +257,7 @@ class Checkpointer:
     def restore(self, step: int, target) -> tuple[Any, dict]:
         meta = self.read_meta(step)
         self._check_fits(step, meta, target)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract(target)), data=ocp.args.JsonRestore())
         try:
             out = self._mngr.restore(step, args=args)
         except Exception as e:  # noqa: BLE001

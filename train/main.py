@@ -152,7 +152,7 @@ def _run(cfg, profile, max_steps, preemption) -> int:
 
     from model.counts import flops_per_token
     from parallel import Rules, describe, make_mesh, sharded
-    from train.checkpoint import Checkpointer
+    from train.checkpoint import Checkpointer, abstract
     from train.config import format_config, save_resolved
     from train.data import ProcessIterator, describe_corpus
     from train.distributed import global_data_state
@@ -190,7 +190,7 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     it = ProcessIterator(cfg.data, jax.process_index(), jax.process_count())
     if ckpt:
         if ckpt.steps():
-            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            target = abstract(state)
             jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
             start, state, data_state = ckpt.restore_latest(target)
             it.set_state(data_state)
