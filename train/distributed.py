@@ -108,17 +108,12 @@ def config_digest(text: str) -> str:
 
 def check_same_config(text: str) -> None:
     """Every process must run the same resolved configuration: compare digests across
-    processes (one small all-gather) and name the processes that differ from process 0."""
+    processes (`allgather_json`) and name the processes that differ from process 0."""
     import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
 
-    if jax.process_count() == 1:
-        return
     digest = config_digest(text)
-    words = np.frombuffer(bytes.fromhex(digest), dtype=np.uint32)
-    every = np.asarray(multihost_utils.process_allgather(words)).reshape(jax.process_count(), -1)
-    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    every = allgather_json(digest)
+    differ = [i for i, d in enumerate(every) if d != every[0]]
     if differ:
         raise DistributedError(
             f"the processes run different configurations: processes {differ} differ from process 0 "

@@ -188,13 +188,12 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     peak = cfg.log.peak_flops * len(jax.devices())
 
     it = ProcessIterator(cfg.data, jax.process_index(), jax.process_count())
-    if ckpt:
-        if ckpt.steps():
-            target = abstract(state)
-            jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
-            start, state, data_state = ckpt.restore_latest(target)
-            it.set_state(data_state)
-            say(f"resumed from step {start} in {ckpt_dir}")
+    if ckpt and ckpt.steps():
+        target = abstract(state)
+        jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
+        start, state, data_state = ckpt.restore_latest(target)
+        it.set_state(data_state)
+        say(f"resumed from step {start} in {ckpt_dir}")
     steps = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
     if start >= steps:
         say(f"nothing to do: checkpoint step {start} >= {steps} steps "
