@@ -128,7 +128,7 @@ def _remat(cfg: ModelConfig):
     if cfg.remat == "none":
         return call
     policy = jax.checkpoint_policies.checkpoint_dots if cfg.remat == "save_matmuls" else None
-    return nnx.remat(call, policy=policy)
+    return nnx.remat(call, policy=policy, static_argnums=(6,))  # dense_csa: a Python bool
 
 
 def _stacked_block(cfg: ModelConfig, kind: Kind, count: int, rngs: nnx.Rngs) -> Block:

@@ -120,6 +120,20 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_steps):
         assert float(jnp.abs(x - y).max()) <= 1e-5 * max(float(jnp.abs(x).max()), 0.01 * scale)
 
 
+def test_remat_gives_the_same_gradients(single_device_steps):
+    """model.remat=full recomputes each block's forward in the backward: the gradients equal
+    remat=none's (float32; save_matmuls takes the same nnx.remat path with a policy)."""
+    cfg, graphdef, state, _, batch = single_device_steps
+    full = small_cfg("optim.weight_decay=0.0", "model.remat=full")
+    gdef = nnx.split(build(full.model, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
+    args = (state["params"], state["rest"], batch, state["step"])
+    want = jax.tree.leaves(jax.jit(make_grad_fn(graphdef, cfg))(*args)[0])
+    got = jax.tree.leaves(jax.jit(make_grad_fn(gdef, full))(*args)[0])
+    scale = max(float(jnp.abs(x).max()) for x in want)
+    for x, y in zip(want, got):  # per leaf, relative to the leaf (floored at 1% of the largest)
+        assert float(jnp.abs(x - y).max()) <= 1e-5 * max(float(jnp.abs(x).max()), 0.01 * scale)
+
+
 def test_muon_and_adamw_step_sizes(single_device_steps):
     """First step, no weight decay: a Muon matrix moves by an RMS of lr * 0.18 (orthogonalised
     and rescaled); an AdamW parameter by about lr per element (Adam's first step)."""
