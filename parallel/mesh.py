@@ -120,7 +120,13 @@ def make_mesh(mesh_cfg: MeshConfig, cfg: ModelConfig | None = None, *, devices=N
         ici = tuple(s // f for s, f in zip(shape, dcn))
         arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
         return Mesh(arr, AXES, axis_types=types)
-    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    except NotImplementedError:  # e.g. expert=16 on a v5p 8x8x8 torus: split a physical axis
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(arr, AXES, axis_types=types)
 
 
 def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:

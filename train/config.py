@@ -186,7 +186,7 @@ class TrainConfig(_Section):
     seed: int = 0
     moe_transport: str = "auto"
     capacity_factor: float | None = None
-    devices: int | None = 8  # emulated CPU devices when on CPU; None = all real devices
+    devices: int | None = 8  # emulated CPU devices per process (runs on the CPU); None = the real accelerators
     max_bad_steps: int = 5  # stop (exit 3) after this many consecutive non-finite steps
 
     def _validate(self):

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     import jax
 
     if cfg.train.devices and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
+        # CPU emulation: never probe accelerator plugins (libtpu, CUDA) that may be installed
+        jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", cfg.train.devices)  # per process
     from train.checkpoint import CheckpointError, ModelMismatch
 
@@ -75,7 +77,7 @@ def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = ()):
 
     model = create_sharded(cfg.model, mesh, rules, seed=cfg.train.seed)
     tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
-    graphdef, state = init_state(model, tx)
+    graphdef, state = init_state(model, tx, mesh)
     state, shardings = place_state(state, mesh)
     step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps), nan_steps)
     return state, shardings, step_fn

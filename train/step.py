@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model.config import ModelConfig
 from model.transformer import update_routing_bias
@@ -90,11 +91,9 @@ def micro_split(batch, m: int):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_grad_fn(graphdef, run_cfg):
-    """grads(params, rest, batch, step) -> (grads, sums, denoms, weights, expert counts, dropped),
-    accumulated over train.micro_batches micro-batches."""
-    model_cfg, loss_cfg, train_cfg = run_cfg.model, run_cfg.loss, run_cfg.train
-
+def make_forward(graphdef, model_cfg: ModelConfig):
+    """forward(params, rest, micro-batch, denoms, weights, dense) -> (loss, (sums, expert
+    counts, dropped)): the function every gradient of the step is taken of."""
     def forward(params, rest, mb, denoms, weights, dense):
         model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
         logits, aux = model(mb["inputs"], segment_ids=mb["segment_ids"], dense_csa=dense)
@@ -102,7 +101,14 @@ def make_grad_fn(graphdef, run_cfg):
         loss, _ = total_loss(sums, denoms, weights)
         return loss, (sums, aux.expert_counts, jnp.sum(aux.dropped_tokens))
 
-    grad_fn = jax.grad(forward, has_aux=True)
+    return forward
+
+
+def make_grad_fn(graphdef, run_cfg):
+    """grads(params, rest, batch, step) -> (grads, sums, denoms, weights, expert counts, dropped),
+    accumulated over train.micro_batches micro-batches."""
+    model_cfg, loss_cfg, train_cfg = run_cfg.model, run_cfg.loss, run_cfg.train
+    grad_fn = jax.grad(make_forward(graphdef, model_cfg), has_aux=True)
 
     def grads(params, rest, batch, step):
         denoms = denominators(batch, model_cfg)
@@ -175,11 +181,39 @@ def place_state(state, mesh):
     return state, jax.tree.map(lambda x: x.sharding, state)
 
 
-def init_state(model, tx) -> tuple:
-    """(graphdef, state) from a (sharded) model; optimizer state created next to its params."""
+def match_params(tree, params, values, other):
+    """A pytree shaped like `tree` (optimiser state) whose leaves are the `values` entry of the
+    parameter each leaf mirrors (its path ends with the parameter's path and it has the
+    parameter's shape: momenta, second moments), `other` for the rest (counts, scalars).
+    `values` has the structure of `params` (e.g. their shardings or PartitionSpecs)."""
+    flat = {}
+    for (path, p), v in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                            jax.tree.leaves(values, is_leaf=lambda x: x is None or isinstance(x, P))):
+        flat[tuple(k.key for k in path)] = (p.shape, v)
+
+    def pick(path, leaf):
+        tail = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            tail.insert(0, k.key)
+        shape, value = flat.get(tuple(tail), (None, other))
+        return value if shape == leaf.shape else other
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def init_state(model, tx, mesh=None) -> tuple:
+    """(graphdef, state) from a model. With the `mesh` of a sharded model, the optimizer state
+    is created sharded like the parameters it mirrors (what train/plan.py counts), its
+    scalars replicated."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    opt = jax.jit(tx.init)(params)
+    out = None
+    if mesh is not None:
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        out = match_params(jax.eval_shape(tx.init, params), params, shardings, NamedSharding(mesh, P()))
+    opt = jax.jit(tx.init, out_shardings=out)(params)
     def zero():  # separate buffers: the step donates every leaf
         return jnp.zeros((), jnp.int32)
 

@@ -1,0 +1,166 @@
+"""`python -m train.plan`: topologies, exact per-device state bytes, activation residuals, mesh
+suggestion, and (with libtpu) an ahead-of-time compile for a real TPU slice."""
+import math
+
+import jax
+import pytest
+
+from model.counts import param_counts
+from parallel import Rules, make_mesh
+from parallel.mesh import MeshConfig, abstract_mesh
+from parallel.rules import per_device_shapes
+from train import plan as P
+from train.config import load_run_config
+
+TINY = "configs/tiny.yaml"
+POD = "configs/v4-flash-pod.yaml"
+# the tiny model with widths that fill the TPU's 128-lane tiles, so that compiled argument
+# bytes measure the sharding rather than tile padding (a 32-wide matrix is stored 128 wide)
+ALIGNED = ["model.n_layers=2", "model.compress_ratios=[0,4]", "model.dtype=float32", "model.dim=128",
+           "model.head_dim=128", "model.rope_head_dim=64", "model.q_lora_rank=128", "model.o_lora_rank=128",
+           "model.index_head_dim=128", "model.moe_inter_dim=128", "data.seq_len=32", "data.global_batch=8"]
+
+
+def test_topology_names():
+    t = P.parse_topology("v5p-1024")  # v5p-N counts TensorCores: 2 per chip, one JAX device per chip
+    assert (t.chips, t.shape, t.devices, t.tpu_name) == (512, (8, 8, 8), 512, "v5p:8x8x8")
+    t = P.parse_topology("tpu7x-128")  # TPU7x: 2 TensorCores per chip, each its own JAX device
+    assert (t.chips, t.shape, t.devices) == (64, (4, 4, 4), 128)
+    assert P.parse_topology("v6e-256").shape == (16, 16)
+    assert P.parse_topology("v5p-8").shape == (2, 2, 1)
+    assert P.parse_topology("v5p-256").tpu_name == "v5p:4x4x8"
+    assert P.parse_topology("v5p:4x4x12").devices == 192
+    g = P.parse_topology("gpu:h200x64")
+    assert (g.devices, g.shape, g.tpu_name) == (64, (), None)
+    for bad, words in (("v5p-6", "not a power of two"), ("v5p-7", "2 per chip"), ("v9-8", "TPU families"),
+                       ("gpu:a100x8", "unknown GPU"), ("v6e:4x4x4", "2 dimensions")):
+        with pytest.raises(P.PlanError, match=words):
+            P.parse_topology(bad)
+
+
+@pytest.mark.skipif(not P.libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_topology_matches_libtpu(monkeypatch):
+    from jax.experimental import topologies
+
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    for name in ("v5p-1024", "tpu7x-128", "v6e-256", "v5p-8"):
+        t = P.parse_topology(name)
+        assert len(topologies.get_topology_desc(t.tpu_name, "tpu").devices) == t.devices, name
+    # the pod config's expert=16 on an 8x8x8 torus needs a physical axis split in two
+    devices = topologies.get_topology_desc("v5p:8x8x8", "tpu").devices
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, expert=16), devices=devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "expert": 16, "tensor": 1}
+
+
+@pytest.fixture(scope="module")
+def pod():
+    cfg = load_run_config(POD, [])
+    layout = P.StateLayout(cfg, Rules(cfg.rules))
+    return cfg, layout
+
+
+def test_pod_param_bytes_exact(pod):
+    """The plan's per-device parameter bytes on v4-flash's pod mesh = the per-device shapes of
+    the sharding rules (parallel/rules.py, ceil-divided per axis), summed by hand; and the
+    global bytes = the closed-form parameter count x 4 (float32)."""
+    cfg, layout = pod
+    assert layout.param_bytes == param_counts(cfg.model)["total"] * 4
+    sizes = {"data": 1, "fsdp": 32, "expert": 16, "tensor": 1}
+    got = layout.bytes_per_device(abstract_mesh(sizes))
+    shapes = per_device_shapes(cfg.model, abstract_mesh(sizes), Rules())
+    assert got["params"] + got["rest"] == sum(b for _, _, b in shapes.values())
+    # experts are split 16 ways and everything else 32 ways (fsdp): well under the global / 16
+    assert layout.param_bytes / 512 < got["params"] < layout.param_bytes / 16
+
+
+def test_state_bytes_equal_the_real_sharded_state():
+    """On 8 real (CPU) devices with data=2 x expert=2 x tensor=2, the plan's per-device bytes of
+    parameters, routing tables and optimiser state equal what `python -m train`'s setup puts
+    on the fullest device."""
+    from train.main import setup
+
+    cfg = load_run_config(TINY, ["model.dtype=float32"])
+    mesh = make_mesh(cfg.mesh, cfg.model, global_batch=cfg.data.global_batch)
+    rules = Rules(cfg.rules)
+    state, _, _ = setup(cfg, mesh, rules)
+    want = P.StateLayout(cfg, rules).bytes_per_device(mesh)
+    for group in ("params", "rest", "opt"):
+        per_device = {}
+        for leaf in jax.tree.leaves(state[group]):
+            for shard in leaf.addressable_shards:
+                per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+        assert max(per_device.values()) == want[group], group
+
+
+def test_activation_residuals_follow_remat():
+    """Residuals per sequence: remat=full keeps at least every block's input (the hand-derived
+    floor: blocks x seq x hc_mult x dim float32 values) and far less than remat=none;
+    save_matmuls lies between; every figure is linear in the batch (1 vs 2 sequences)."""
+    base = load_run_config(TINY, ["model.dtype=float32", "data.seq_len=64"])
+    m = base.model
+    per = {}
+    for remat in ("none", "save_matmuls", "full"):
+        cfg = load_run_config(TINY, ["model.dtype=float32", "data.seq_len=64", f"model.remat={remat}"])
+        layout = P.StateLayout(cfg, Rules())
+        one, two, three = (P.residual_bytes(cfg, layout, n) for n in (1, 2, 3))
+        assert three - two == two - one  # linear in the sequences
+        per[remat] = P.activations(cfg, layout)
+    floor = (m.n_layers + m.n_mtp_layers) * 64 * m.hc_mult * m.dim * 4
+    assert floor <= per["full"].per_seq < per["save_matmuls"].per_seq < per["none"].per_seq
+    assert per["none"].block == 0 and per["full"].block == pytest.approx(
+        per["none"].per_seq / (m.n_layers + m.n_mtp_layers))
+
+
+def test_pod_plan_and_suggestion(pod):
+    """v4-flash: the pod config fits v5p-1024 as requested; on v5p-256 (4 sequences per chip)
+    it does not, the reason names the activations and a micro-batch count that fits, and with
+    that count the estimate fits. --mesh auto on v5p-1024 puts 64 experts per axis."""
+    cfg, layout = pod
+    lines = []
+    assert P.plan(cfg, P.parse_topology("v5p-1024"), cfg.mesh, compile_=False, out=lines.append) == 0
+    text = "\n".join(lines)
+    assert "mesh: fsdp=32 x expert=16 (requested)" in text and ": fits" in text
+    lines.clear()
+    assert P.plan(cfg, P.parse_topology("v5p-256"), cfg.mesh, compile_=False, out=lines.append) == 1
+    text = "\n".join(lines)
+    assert "DOES NOT FIT" in text and "largest: activations kept" in text
+    micro = int(text.split("train.micro_batches=")[1].split()[0])
+    act = P.activations(cfg, layout)
+    sizes = {"data": 1, "fsdp": 8, "expert": 16, "tensor": 1}
+    import dataclasses
+
+    smaller = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batches=micro))
+    assert P.estimate(smaller, layout, act, sizes).total <= P.FIT_FRACTION * P.CHIPS["v5p"].hbm
+    sizes, mem = P.suggest(cfg, layout, act, 512, P.CHIPS["v5p"].hbm)
+    assert sizes["expert"] == 64 and sizes["tensor"] == 1 and mem.total <= P.FIT_FRACTION * P.CHIPS["v5p"].hbm
+    if sizes["fsdp"] > 1:  # the smallest fsdp that fits: half of it would not
+        half = dict(sizes, fsdp=sizes["fsdp"] // 2, data=sizes["data"] * 2)
+        assert P.estimate(cfg, layout, act, half).total > P.FIT_FRACTION * P.CHIPS["v5p"].hbm
+
+
+def test_cli(capsys):
+    assert P.main(["--config", POD, "--topology", "v5p-8"]) == 1  # 4 chips: nothing fits, says why
+    out = capsys.readouterr().out
+    assert "mesh: data*fsdp*expert*tensor" in out or "cannot run" in out
+    assert P.main(["--config", POD, "--topology", "v5p-2048x"]) == 2
+    assert "expected FAMILY-N" in capsys.readouterr().err
+    assert P.main(["--config", POD, "--topology", "gpu:h200x96", "--mesh", "expert=3,fsdp=-1"]) == 1
+    assert "n_routed_experts=256 is not divisible by expert=3" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not P.libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_aot_compile_for_a_tpu_slice(monkeypatch):
+    """The actual train step compiled by libtpu for v5p:2x2x1 on this CPU host: compiled
+    argument bytes per device within 10% of the plan's state + batch bytes."""
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    cfg = load_run_config(TINY, ALIGNED)
+    topo = P.parse_topology("v5p:2x2x1")
+    layout = P.StateLayout(cfg, Rules())
+    mesh_cfg = MeshConfig(data=1, fsdp=2, expert=2, tensor=1)
+    sizes = mesh_cfg.resolve(topo.devices)
+    mem = P.estimate(cfg, layout, P.Activations(0, 0, 0), sizes)
+    analysis, seconds = P.compile_step(cfg, layout, topo, mesh_cfg)
+    want = mem.params + mem.rest + mem.opt + mem.batch
+    assert math.isclose(analysis.argument_size_in_bytes, want, rel_tol=0.10), (analysis, want)
+    assert analysis.alias_size_in_bytes > 0.9 * want  # the state is donated: updated in place
