@@ -220,8 +220,15 @@ def activations(run_cfg, layout) -> Activations:
     per_seq, fixed = two - one, 2 * one - two
     block = 0.0
     if run_cfg.model.remat != "none":
+        import copy
+
+        from flax import nnx
+
+        from model.transformer import abstract
+
         plain = dataclasses.replace(run_cfg, model=run_cfg.model.replace(remat="none"))
-        plain_layout = StateLayout(plain, layout.rules)
+        plain_layout = copy.copy(layout)  # same state; only the block call (graphdef) differs
+        plain_layout.graphdef = nnx.split(abstract(plain.model), nnx.Param, ...)[0]
         none_seq = residual_bytes(plain, plain_layout, 2) - residual_bytes(plain, plain_layout, 1)
         block = none_seq / (run_cfg.model.n_layers + run_cfg.model.n_mtp_layers)
     return Activations(per_seq, fixed, block)
