@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("auto", "dense", "ragged", "tiled", "megablox")  # see model/gmm.py
 REMATS = ("none", "full", "save_matmuls")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -59,7 +59,8 @@ class ModelConfig:
     route_scale: float = 1.5
     swiglu_limit: float = 10.0
     hash_seed: int = 0
-    moe_impl: str = "ragged"
+    # routed experts' grouped matmul: auto (per platform), dense (reference), ragged, tiled, megablox
+    moe_impl: str = "auto"
     # mHC hyper-connections
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20

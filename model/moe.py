@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
+from .gmm import choose_impl, grouped_matmul
 from .layers import HOOKS, HashTable, Linear, RoutingBias, constrain, dtype_of, normal
 
 F32 = jnp.float32
@@ -97,7 +98,7 @@ class MoE(nnx.Module):
         if HOOKS.experts is not None:
             y, stats["dropped"] = HOOKS.experts(self, x_BSD, idx.reshape(b, s, -1), wts.reshape(b, s, -1))
             return constrain(y.astype(x_BSD.dtype), ("batch", "act_seq", "act_embed")), stats
-        experts = self._ragged if cfg.moe_impl == "ragged" else self._dense
+        experts = self._dense if cfg.moe_impl == "dense" else self._grouped
         y = experts(x, idx, wts) + self.shared(x)
         stats["dropped"] = jnp.zeros((), jnp.int32)
         return y.astype(x_BSD.dtype).reshape(b, s, d), stats
@@ -114,8 +115,8 @@ class MoE(nnx.Module):
         p = (scores_NE / jnp.sum(scores_NE, -1, keepdims=True)).reshape(b, s, e).mean(1)
         return {"counts": onehot.sum((0, 1)).astype(jnp.int32), "f": f, "p": p}
 
-    def _ragged(self, x_ND, idx_Nk, wts_Nk):
-        """Sort the N*k (token, slot) pairs by expert and run grouped matmuls (ragged_dot)."""
+    def _grouped(self, x_ND, idx_Nk, wts_Nk):
+        """Sort the N*k (token, slot) pairs by expert and run grouped matmuls (model/gmm.py)."""
         cfg = self.cfg
         n, k = idx_Nk.shape
         flat = idx_Nk.reshape(-1)
@@ -124,11 +125,11 @@ class MoE(nnx.Module):
         sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
         dt = dtype_of(cfg.dtype)
         xs = x_ND[token].astype(dt)
-        h = swiglu(jax.lax.ragged_dot(xs, self.w1[...].astype(dt), sizes, preferred_element_type=F32),
-                   jax.lax.ragged_dot(xs, self.w3[...].astype(dt), sizes, preferred_element_type=F32),
-                   cfg.swiglu_limit)
+        impl = choose_impl(cfg.moe_impl)
+        h = swiglu(grouped_matmul(xs, self.w1[...].astype(dt), sizes, impl, F32),
+                   grouped_matmul(xs, self.w3[...].astype(dt), sizes, impl, F32), cfg.swiglu_limit)
         h = (h * wts_Nk.reshape(-1)[order][:, None]).astype(dt)
-        out = jax.lax.ragged_dot(h, self.w2[...].astype(dt), sizes, preferred_element_type=F32)
+        out = grouped_matmul(h, self.w2[...].astype(dt), sizes, impl, F32)
         return jnp.zeros((n, x_ND.shape[1]), F32).at[token].add(out)
 
     def _dense(self, x_ND, idx_Nk, wts_Nk):

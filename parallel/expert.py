@@ -6,7 +6,7 @@ C capacity per (source, destination) pair.
 
 The router runs outside (per token, wherever the token lives). Inside `jax.shard_map`, each
 device sends every (token, slot) pair to the device owning its expert, runs its local experts
-with grouped matmuls (`jax.lax.ragged_dot`), sends the results back and adds them, weighted by
+with grouped matmuls (model/gmm.py, `model.moe_impl`), sends the results back and adds them, weighted by
 the gate, into the token's output. Expert hidden units may be sharded over `tensor`: each
 tensor device computes its share of the hidden units and one psum over `tensor` (shared with
 the shared expert, computed in the same place) finishes the down projection. FSDP shards of the
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from model.config import ConfigError
+from model.gmm import choose_impl, grouped_matmul
 from model.moe import swiglu
 
 from .rules import Rules
@@ -64,8 +65,8 @@ class ExpertParallel:
 
     def __init__(self, mesh, rules: Rules, transport: str = "auto", capacity_factor: float | None = None):
         self.mesh, self.rules = mesh, rules
-        self.transport = choose_transport(transport, mesh.devices.flat[0].platform
-                                          if hasattr(mesh, "devices") else None)
+        self.platform = mesh.devices.flat[0].platform if hasattr(mesh, "devices") else None
+        self.transport = choose_transport(transport, self.platform)
         self.capacity_factor = capacity_factor
         w13 = rules.spec(("experts", "embed", "expert_mlp"))
         self.ep_axes, self.gather_axes, self.tp_axes = (_axes(a) for a in w13)
@@ -98,7 +99,8 @@ class ExpertParallel:
         w1, w3, w2 = self._gather(w1, 1), self._gather(w3, 1), self._gather(w2, 2)
         sw1, sw3, sw2 = self._gather(sw1, 0), self._gather(sw3, 0), self._gather(sw2, 1)
         xf = x.reshape(b * s, d)
-        experts = lambda xs, e, valid: self._local_experts(cfg, xs, e, valid, w1, w3, w2, dt)  # noqa: E731
+        impl = choose_impl(cfg.moe_impl, self.platform)
+        experts = lambda xs, e, valid: self._local_experts(cfg, impl, xs, e, valid, w1, w3, w2, dt)  # noqa: E731
         send = self._capacity if self.transport == "capacity" else self._ragged
         y, dropped = send(xf, idx.reshape(-1), wts.reshape(-1), w1.shape[0], experts)
         h = swiglu(jnp.einsum("nd,df->nf", xf.astype(dt), sw1.astype(dt), preferred_element_type=F32),
@@ -112,7 +114,7 @@ class ExpertParallel:
         return y.reshape(b, s, d), dropped
 
     @staticmethod
-    def _local_experts(cfg, xs, e, valid, w1, w3, w2, dt):
+    def _local_experts(cfg, impl, xs, e, valid, w1, w3, w2, dt):
         """Rows xs [R, D] for local experts e [R] (rows with valid=False give 0): sort by
         expert, grouped matmuls, unsort. The gate weight is applied by the caller."""
         n_local = w1.shape[0]
@@ -120,11 +122,9 @@ class ExpertParallel:
         order = jnp.argsort(key)
         sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
         xo = xs[order].astype(dt)
-        h = swiglu(jax.lax.ragged_dot(xo, w1.astype(dt), sizes, preferred_element_type=F32),
-                   jax.lax.ragged_dot(xo, w3.astype(dt), sizes, preferred_element_type=F32),
-                   cfg.swiglu_limit)
-        return h, order, sizes, lambda hw: jax.lax.ragged_dot(hw.astype(dt), w2.astype(dt), sizes,
-                                                             preferred_element_type=F32)
+        h = swiglu(grouped_matmul(xo, w1.astype(dt), sizes, impl, F32),
+                   grouped_matmul(xo, w3.astype(dt), sizes, impl, F32), cfg.swiglu_limit)
+        return h, order, sizes, lambda hw: grouped_matmul(hw.astype(dt), w2.astype(dt), sizes, impl, F32)
 
     def _run_local(self, experts, xs, e, w, valid):
         h, order, _, down = experts(xs, e, valid)

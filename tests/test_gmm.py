@@ -1,0 +1,69 @@
+"""Grouped matmuls (model/gmm.py): every implementation equals the dense oracle, forward and
+gradients, on uneven groups with empty groups and rows past the last group."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import gmm
+from model.gmm import choose_impl, grouped_matmul
+
+
+def _problem(m, d, f, e, unused, seed=0):
+    """x [m, d], w [e, d, f], group sizes summing to m - unused with group 1 empty."""
+    kx, kw, ks = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (m, d), jnp.float32)
+    w = jax.random.normal(kw, (e, d, f), jnp.float32)
+    sizes = np.bincount(np.asarray(jax.random.randint(ks, (m - unused,), 0, e)), minlength=e)
+    sizes[0] += sizes[1]
+    sizes[1] = 0
+    return x, w, jnp.asarray(sizes, jnp.int32)
+
+
+def _loss(impl):
+    # a nonlinear loss so that every output row gets its own cotangent
+    return lambda x, w, s: jnp.sum(jnp.sin(grouped_matmul(x, w, s, impl)))
+
+
+@pytest.mark.parametrize("m,d,f,e,unused", [(300, 16, 24, 8, 13), (1024, 32, 16, 4, 0), (7, 4, 4, 3, 2)])
+@pytest.mark.parametrize("impl", ["ragged", "tiled"])
+def test_matches_dense(m, d, f, e, unused, impl):
+    x, w, sizes = _problem(m, d, f, e, unused)
+    want = grouped_matmul(x, w, sizes, "dense")
+    got = jax.jit(lambda *a: grouped_matmul(*a, impl))(x, w, sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(got[m - unused:])), "rows past the groups must be 0"
+    # and the float64 product of each row with its own group's matrix
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    group = np.repeat(np.arange(e), np.asarray(sizes))
+    rows = np.einsum("md,mdf->mf", x64[:m - unused], w64[group])
+    np.testing.assert_allclose(np.asarray(got[:m - unused]), rows, rtol=1e-4, atol=1e-4)
+    g_want = jax.grad(_loss("dense"), argnums=(0, 1))(x, w, sizes)
+    g_got = jax.jit(jax.grad(_loss(impl), argnums=(0, 1)))(x, w, sizes)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_low_precision_inputs_accumulate_in_float32():
+    x, w, sizes = _problem(200, 32, 16, 5, 3)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    got = grouped_matmul(xb, wb, sizes, "tiled", jnp.float32)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, grouped_matmul(xb, wb, sizes, "dense", jnp.float32), rtol=1e-5, atol=1e-4)
+    dx, dw = jax.grad(lambda a, b: jnp.sum(grouped_matmul(a, b, sizes, "tiled", jnp.float32) ** 2), (0, 1))(xb, wb)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+
+
+def test_megablox_kernel_in_interpreter():
+    """The TPU kernel's numerics, run by Pallas' interpreter on the CPU (test_plan compiles it
+    for a TPU slice)."""
+    x, w, sizes = _problem(256, 128, 128, 4, 40)
+    got = gmm._megablox(x, w, sizes, jnp.float32, interpret=True)
+    np.testing.assert_allclose(got, grouped_matmul(x, w, sizes, "dense"), rtol=1e-5, atol=1e-4)
+
+
+def test_auto_picks_per_platform():
+    assert [choose_impl("auto", p) for p in ("cpu", "tpu", "gpu")] == ["tiled", "megablox", "ragged"]
+    assert choose_impl("ragged", "tpu") == "ragged"
+    with pytest.raises(ValueError, match="no implementation 'x'"):
+        grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), jnp.array([2]), "x")
