@@ -18,7 +18,9 @@ Two transports, one switch (`transport`):
   dropped (output 0 for that slot) and counted. capacity_factor=None is dropless: C = P, the
   worst case, and the result is exact.
 - "ragged": `jax.lax.ragged_all_to_all` sends exactly the pairs routed (TPU / GPU; XLA:CPU does
-  not implement it). "auto" picks ragged on TPU / GPU and capacity on CPU.
+  not implement it) into a receive buffer of every sender's pairs (dropless: ep x P rows, the
+  worst case) or of capacity_factor x P rows, where chunks that do not fit are cut, in sender
+  order, and counted as dropped. "auto" picks ragged on TPU / GPU and capacity on CPU.
 """
 from __future__ import annotations
 
@@ -51,6 +53,14 @@ def choose_transport(transport: str, platform: str | None = None) -> str:
         return transport
     platform = platform or jax.default_backend()
     return "capacity" if platform == "cpu" else "ragged"
+
+
+def ragged_capacity(pairs: int, ep: int, capacity_factor: float | None) -> int:
+    """Receive-buffer rows of the ragged transport: every pair of every sender when dropless,
+    else capacity_factor x the balanced load (each device receives `pairs` on average)."""
+    if capacity_factor is None:
+        return pairs * ep
+    return max(1, min(pairs * ep, math.ceil(capacity_factor * pairs)))
 
 
 def capacity(pairs: int, ep: int, capacity_factor: float | None) -> int:
@@ -166,14 +176,15 @@ class ExpertParallel:
         dest = e_flat // n_local
         order = jnp.argsort(dest, stable=True)
         token = order // k
-        send_sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)
-        input_offsets = jnp.cumsum(send_sizes) - send_sizes
-        all_sizes = jax.lax.all_gather(send_sizes, axis)                  # [ep senders, ep receivers]
+        sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)
+        input_offsets = jnp.cumsum(sizes) - sizes
+        all_sizes = jax.lax.all_gather(sizes, axis)                       # [ep senders, ep receivers]
         me = jax.lax.axis_index(axis)
-        recv_sizes = all_sizes[:, me]
-        # where my chunk lands in receiver j's buffer: after the chunks of senders before me
-        output_offsets = (jnp.cumsum(all_sizes, 0) - all_sizes)[me]
-        cap = pairs * ep                                                   # worst case: all to me
+        cap = ragged_capacity(pairs, ep, self.capacity_factor)
+        # receiver r takes sender s's chunk after the chunks of senders before s, up to cap rows
+        before = jnp.cumsum(all_sizes, 0) - all_sizes
+        fit = jnp.clip(cap - before, 0, all_sizes)                         # rows that fit, per pair
+        send_sizes, recv_sizes, output_offsets = fit[me], fit[:, me], before[me]
 
         def exchange(operand, out_rows, in_off, send, out_off, recv):
             out = jnp.zeros((out_rows,) + operand.shape[1:], operand.dtype)
@@ -186,7 +197,7 @@ class ExpertParallel:
         out = self._run_local(experts, recv_x, recv_e, recv_w, valid)
         # send results back: roles of sizes and offsets swap
         back_in_off = jnp.cumsum(recv_sizes) - recv_sizes
-        back_out_off = (jnp.cumsum(all_sizes, 1) - all_sizes)[:, me]
+        back_out_off = (jnp.cumsum(all_sizes, 1) - all_sizes)[:, me]        # the senders' chunk starts
         back = exchange(out, pairs, back_in_off, recv_sizes, back_out_off, send_sizes)
-        y = jnp.zeros((xf.shape[0], xf.shape[1]), F32).at[token].add(back)
-        return y, jnp.zeros((), jnp.int32)
+        y = jnp.zeros((xf.shape[0], xf.shape[1]), F32).at[token].add(back)  # pairs not sent: 0
+        return y, (pairs - jnp.sum(send_sizes)).astype(jnp.int32)

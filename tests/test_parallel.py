@@ -13,7 +13,7 @@ from model import ConfigError, build, param_counts, preset
 from model.moe import MoE
 from parallel import (MeshConfig, Rules, abstract_mesh, create_sharded, describe, make_mesh,
                       per_device_shapes, sharded)
-from parallel.expert import ExpertParallel, capacity
+from parallel.expert import ExpertParallel, capacity, ragged_capacity
 
 MESHES = [
     dict(data=8),
@@ -259,3 +259,31 @@ def test_transport_choice():
     assert choose_transport("capacity", "tpu") == "capacity"
     with pytest.raises(ConfigError, match="moe_transport"):
         choose_transport("nccl")
+
+
+def test_ragged_transport_capacity_cuts_and_counts(moe_case, monkeypatch):
+    """A ragged receive buffer of capacity_factor x the balanced load: each receiver takes the
+    senders' chunks in sender order until full; what does not fit is dropped and counted."""
+    cfg, moe, x, ids = moe_case
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+    mesh = make_mesh(MeshConfig(data=1, expert=8), cfg, global_batch=BATCH)
+    rules, factor = Rules(), 0.75
+    xs = jax.device_put(x, NamedSharding(mesh, rules.spec(("batch", None, None))))
+    with sharded(mesh, rules, "ragged", factor):
+        got, stats = nnx.jit(lambda m, x: m(x, ids))(moe, xs)
+    idx, wts, _ = moe.route(x.reshape(-1, cfg.dim), None)
+    idx = np.asarray(idx).reshape(8, -1)               # [sender, pairs in token-major order]
+    ep, e_local = 8, cfg.n_routed_experts // 8
+    cap = ragged_capacity(idx.shape[1], ep, factor)
+    keep, used = np.zeros_like(idx, bool), np.zeros(ep, int)
+    for src in range(8):                              # receivers fill in sender order
+        for dest in range(ep):
+            mine = np.flatnonzero(idx[src] // e_local == dest)
+            fit = max(0, min(len(mine), cap - used[dest]))
+            keep[src, mine[:fit]] = True
+            used[dest] += len(mine)
+    assert int(stats["dropped"]) == int((~keep).sum()) > 0
+    kept_w = jnp.asarray(np.asarray(wts).reshape(8, -1) * keep).reshape(-1, cfg.n_activated_experts)
+    want = moe._dense(x.reshape(-1, cfg.dim), jnp.asarray(idx).reshape(-1, cfg.n_activated_experts), kept_w)
+    want = want + moe.shared(x.reshape(-1, cfg.dim))
+    np.testing.assert_allclose(got.reshape(-1, cfg.dim), want, rtol=1e-5, atol=1e-6)

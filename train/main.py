@@ -76,7 +76,7 @@ def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = ()):
     from train.step import init_state, make_train_step, place_state
 
     model = create_sharded(cfg.model, mesh, rules, seed=cfg.train.seed)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
+    tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param), mesh, rules)
     graphdef, state = init_state(model, tx, mesh)
     state, shardings = place_state(state, mesh)
     step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps), nan_steps)

@@ -1,9 +1,9 @@
 """Optax optimisers: V4's Muon + AdamW partition (default) or plain AdamW; schedule; clipping.
 
-Muon (optax.contrib.muon: Nesterov momentum, Newton-Schulz orthogonalisation, update RMS
-rescaled to `muon_rms` * sqrt(max(fan_in, fan_out)), decoupled weight decay) for the weight
-matrices; AdamW for the embedding, the LM head, norm weights, mHC projections / biases / scales
-(the "gates"), attention sinks, compressor positional biases and every other non-matrix.
+Muon (train/muon.py: optax.contrib.muon's update, Nesterov momentum, Newton-Schulz
+orthogonalisation of whole matrices per device, update RMS rescaled to `muon_rms` *
+sqrt(max(fan_in, fan_out)), decoupled weight decay) for the weight matrices; AdamW for the
+embedding, the LM head, norm weights, mHC projections / biases / scales (the "gates"), attention sinks, compressor positional biases and every other non-matrix.
 The 10 Newton-Schulz steps follow the spec: 8 with (3.4445, -4.7750, 2.0315), then 2 with
 (2, -1.5, 0.5). Stacked layers and experts are batch axes of the orthogonalisation: each layer's
 (each expert's) matrix is orthogonalised on its own.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import optax
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers
+
+from .muon import scale_by_muon
 
 NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
 ADAM_ONLY = ("embed", "hc_head", "attn_hc", "ffn_hc", "ape", "sink")  # path parts never given to Muon
@@ -77,20 +79,22 @@ def _decay_mask(params: nnx.State) -> dict:
                  for path, var in nnx.to_flat_state(params)})
 
 
-def make_optimizer(cfg, steps: int, params: nnx.State) -> optax.GradientTransformation:
+def make_optimizer(cfg, steps: int, params: nnx.State, mesh=None, rules=None) -> optax.GradientTransformation:
     """The update rule (clipping + optimiser) for the pure-dict form of `params` (an nnx.State
-    of nnx.Param, read for shapes and logical axis names)."""
+    of nnx.Param, read for shapes and logical axis names). With the `mesh` and `rules` the
+    parameters are sharded by, Muon orthogonalises whole matrices per device (train/muon.py)."""
     lr = schedule(cfg, steps)
     adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=_decay_mask(params))
     if cfg.name == "adamw":
         tx = adamw
     else:
-        dims = muon_partition(params)
-        muon = optax.contrib.muon(
-            lr, ns_coeffs=NS_COEFFS, ns_steps=len(NS_COEFFS), beta=cfg.muon_momentum, nesterov=True,
-            weight_decay=cfg.weight_decay, consistent_rms=cfg.muon_rms,
-            muon_weight_dimension_numbers=dims)
+        specs = None
+        if mesh is not None:
+            specs = nest({path: rules.spec(_names(var)) for path, var in nnx.to_flat_state(params)})
+        muon = optax.chain(
+            scale_by_muon(muon_partition(params), NS_COEFFS, cfg.muon_momentum, cfg.muon_rms, specs=specs, mesh=mesh),
+            optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_learning_rate(lr))
         labels = nest({path: "adamw" if muon_dims(path, _names(var)) is None else "muon"
                        for path, var in nnx.to_flat_state(params)})
         tx = optax.partition({"muon": muon, "adamw": adamw}, labels)

@@ -150,6 +150,7 @@ class StateLayout:
         model = abstract(run_cfg.model)
         self.rules = rules
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.param_state = params  # logical axis names: make_optimizer(..., mesh, rules) on a mesh
         self.tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, params)
         specs = dict(nnx.to_flat_state(rules.param_specs(model)))
         self.params, self.rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
@@ -355,7 +356,7 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
     from jax.sharding import NamedSharding
 
     from parallel import Rules, make_mesh, sharded
-    from train.optim import schedule
+    from train.optim import make_optimizer, schedule
     from train.step import make_train_step
 
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no host probing on a laptop
@@ -370,7 +371,8 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
     seq = jax.ShapeDtypeStruct((run_cfg.data.global_batch, run_cfg.data.seq_len), jnp.int32,
                                sharding=NamedSharding(mesh, rules.spec(("batch", None))))
     batch = dict.fromkeys(("inputs", "targets", "segment_ids", "loss_mask"), seq)
-    step = make_train_step(layout.graphdef, layout.tx, run_cfg, schedule(run_cfg.optim, run_cfg.train.steps))
+    tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, layout.param_state, mesh, rules)
+    step = make_train_step(layout.graphdef, tx, run_cfg, schedule(run_cfg.optim, run_cfg.train.steps))
     t = time.perf_counter()
     with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
         out = jax.tree.map(lambda x: x.sharding, state)
