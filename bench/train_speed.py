@@ -1,7 +1,7 @@
 """Training throughput: our jitted train step against HF transformers' PyTorch DeepSeek-V4.
 
 Usage: python bench/train_speed.py [--steps N] [--warmup W] [--batch B] [--seq S]
-                                   [--presets tiny,small] [--torch-threads T]
+                                   [--presets tiny,small] [--shape] [--torch-threads T]
 
 Per preset, both frameworks train the same architecture (MTP off: HF has no MTP block) in
 float32 on the same random token batch:
@@ -10,6 +10,8 @@ float32 on the same random token batch:
          fsdp=8 over 8 emulated CPU devices, and on a mesh of 1 device;
   torch  transformers.DeepseekV4ForCausalLM (eager attention and experts, train mode),
          torch.optim.AdamW, loss = model(input_ids, labels=input_ids).loss, balanced hash table.
+--shape adds the shape of issue 11's measurement: `small` with dim 256, 4 layers [window, CSA 4,
+HCA 16, CSA 4], 8 experts top-2, batch 2 x 256 (1 device only: 2 sequences do not split 8 ways).
 Each runs W untimed warm-up steps (our compile), then N timed steps. The parameter counts of
 both models are asserted equal first. MFU uses model.flops_per_token(cfg, S)["train"].
 """
@@ -34,6 +36,8 @@ from train.config import load_run_config  # noqa: E402
 from train.main import setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = ("shape", "small", ["model.dim=256", "model.n_layers=4", "model.compress_ratios=[0,4,16,4]",
+                            "model.n_routed_experts=8", "model.n_activated_experts=2"], 2, 256)
 PEAK_FLOPS = 6.0e10  # FLOP/s of the whole 2-core machine: its measured float32 matmul rate
 CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
 
@@ -159,6 +163,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="global batch; a multiple of 8 (mesh fsdp=8)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--shape", action="store_true", help="add the dim-256 4-layer shape at batch 2 x 256")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     import torch
@@ -171,26 +176,30 @@ def main():
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
           f"{os.cpu_count()} CPU cores")
     rows = []
-    for name in args.presets.split(","):
+    cases = [(name, name, [], b, s) for name in args.presets.split(",") if name] + ([SHAPE] if args.shape else [])
+    for name, preset, model_overrides, b, s in cases:
         run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
-            f"model.preset={name}", "model.n_mtp_layers=0", "model.dtype=float32", "model.param_dtype=float32",
-            "mesh.data=1", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=8", f"data.global_batch={b}",
-            f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}", f"optim.name={args.optim}"])
+            f"model.preset={preset}", *model_overrides, "model.n_mtp_layers=0", "model.dtype=float32",
+            "model.param_dtype=float32", "mesh.data=1", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=1",
+            f"data.global_batch={b}", f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}",
+            f"optim.name={args.optim}"])
         cfg = run_cfg.model
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, s + 1), dtype=np.int32)
         net = build_torch(cfg)
         ours_n, torch_n = param_counts(cfg)["total"], sum(p.numel() for p in net.parameters())
         assert ours_n == torch_n, f"{name}: parameter counts differ: ours {ours_n:,} vs HF {torch_n:,}"
         print(f"  {name}: {ours_n:,} parameters in both; timing ...", flush=True)
-        times = {"ours, mesh fsdp=8": time_ours(run_cfg, jax.devices(), tokens, args.warmup, args.steps),
-                 "ours, 1 device": time_ours(run_cfg, jax.devices()[:1], tokens, args.warmup, args.steps),
-                 "HF torch eager": time_torch(net, tokens, args.warmup, args.steps)}
+        times = {}
+        if b % 8 == 0:
+            times["ours, mesh fsdp=8"] = time_ours(run_cfg, jax.devices(), tokens, args.warmup, args.steps)
+        times["ours, 1 device"] = time_ours(run_cfg, jax.devices()[:1], tokens, args.warmup, args.steps)
+        times["HF torch eager"] = time_torch(net, tokens, args.warmup, args.steps)
         del net
         flops = flops_per_token(cfg, s)["train"]
         for fw, sec in times.items():
-            rows.append((name, fw, ours_n, sec, b * s / sec, b * s / sec * flops / PEAK_FLOPS,
+            rows.append((name, fw, ours_n, b * s, sec, b * s / sec, b * s / sec * flops / PEAK_FLOPS,
                          times["HF torch eager"] / sec if fw.startswith("ours") else None))
-    print(f"\nTraining step, batch {b} x {s} random tokens, {args.warmup} warm-up + {args.steps} timed steps, "
+    print(f"\nTraining step, random tokens, {args.warmup} warm-up + {args.steps} timed steps, "
           "float32 everywhere. MTP disabled in both frameworks (n_mtp_layers=0; HF has no MTP block).")
     print(f"Ours: {'Muon + AdamW' if args.optim == 'muon' else 'AdamW'}, CE + balance + indexer-KL loss, routing-bias update (the real step). "
           "HF: AdamW, CE only, eager attention and experts.")
@@ -198,8 +207,8 @@ def main():
           "(peak of the whole 2-core machine: its measured f32 matmul rate).\n")
     print("| preset | framework | params | tokens/step | step ms | tokens/s | MFU | ours / torch |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, fw, n, sec, tps, mfu, ratio in rows:
-        print(f"| {name} | {fw} | {n / 1e6:.2f}M | {b * s} | {1000 * sec:.1f} | {tps:,.0f} | "
+    for name, fw, n, tokens, sec, tps, mfu, ratio in rows:
+        print(f"| {name} | {fw} | {n / 1e6:.2f}M | {tokens} | {1000 * sec:.1f} | {tps:,.0f} | "
               f"{100 * mfu:.2f}% | {f'{ratio:.2f}x' if ratio else '-'} |")
 
 

@@ -137,11 +137,13 @@ class ExpertParallel:
         return h, order, sizes, lambda hw: grouped_matmul(hw.astype(dt), w2.astype(dt), sizes, impl, F32)
 
     def _run_local(self, experts, xs, e, w, valid):
+        """Gate-weighted expert outputs in the rows' order, in the activations' dtype (what
+        travels back: the combine adds them in float32)."""
         h, order, _, down = experts(xs, e, valid)
         hw = h * jnp.where(valid, w, 0.0)[order][:, None]
         out = down(hw)
-        out = jnp.where(valid[order][:, None], out, 0.0)
-        return jnp.zeros_like(out).at[order].set(out)
+        out = jnp.where(valid[order][:, None], out, 0.0).astype(xs.dtype)
+        return out[jnp.argsort(order)]  # unsort: a gather by the inverse permutation
 
     def _capacity(self, xf, e_flat, w_flat, n_local, experts):
         ep, k = self.ep, e_flat.shape[0] // xf.shape[0]

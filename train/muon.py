@@ -117,3 +117,12 @@ def scale_by_muon(dims, coeffs, beta: float, consistent_rms: float, eps: float =
         return out, MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
 
     return optax.GradientTransformation(init, update)
+
+
+def newton_schulz_flops(shape, dims: MuonDimensionNumbers, steps: int) -> float:
+    """Matmul FLOPs of orthogonalising an array of `shape`: per matrix (m <= n after the
+    transpose) and step, X X^T (2 m^2 n), A A (2 m^3) and B X (2 m^2 n)."""
+    batch, red, out = _axes(dims, len(shape))
+    b, m, n = (math.prod(shape[a] for a in axes) for axes in (batch, red, out))
+    m, n = min(m, n), max(m, n)
+    return float(b * steps * (4 * m * m * n + 2 * m ** 3))

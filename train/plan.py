@@ -284,6 +284,26 @@ def flops_per_step(run_cfg) -> float:
     return flops_per_token(run_cfg.model, run_cfg.data.seq_len)["train"] * run_cfg.data.global_batch * run_cfg.data.seq_len
 
 
+REMAT_FLOPS = {"none": 1.0, "save_matmuls": 1.0, "full": 4 / 3}  # forward recomputed: 3 -> 4 passes
+
+
+def optimizer_flops(run_cfg, layout) -> float:
+    """Muon's Newton-Schulz FLOPs per step, all matrices (0 for AdamW)."""
+    from flax import nnx
+
+    from train.muon import newton_schulz_flops
+    from train.optim import NS_COEFFS, muon_dims
+
+    if run_cfg.optim.name != "muon":
+        return 0.0
+    total = 0.0
+    for path, var in nnx.to_flat_state(layout.param_state):
+        dims = muon_dims(path, tuple(var.get_metadata().get("out_sharding") or ()))
+        if dims is not None:
+            total += newton_schulz_flops(var.get_value().shape, dims, len(NS_COEFFS))
+    return total
+
+
 # --- meshes -------------------------------------------------------------------------------
 def check_mesh(run_cfg, sizes) -> str | None:
     """Why a mesh cannot run this config (divisibility), or None."""
@@ -348,8 +368,9 @@ def why_not(run_cfg, mem: Memory, hbm: float) -> list[str]:
 
 # --- ahead-of-time compile for a TPU slice ------------------------------------------------
 def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
-    """(compiled memory analysis, seconds): the actual jitted train step lowered and compiled
-    for the slice's devices by libtpu on this host. Raises ImportError without libtpu."""
+    """(compiled memory analysis, FLOPs per device from XLA's cost analysis, seconds): the
+    actual jitted train step lowered and compiled for the slice's devices by libtpu on this
+    host. Raises ImportError without libtpu."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
@@ -377,7 +398,9 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
     with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
         out = jax.tree.map(lambda x: x.sharding, state)
         compiled = jax.jit(step, donate_argnums=0, out_shardings=(out, None)).lower(state, batch).compile()
-    return compiled.memory_analysis(), time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return compiled.memory_analysis(), float(cost.get("flops", 0.0)), time.perf_counter() - t
 
 
 def libtpu_available() -> bool:
@@ -488,15 +511,22 @@ def report_memory(run_cfg, mem: Memory, chip: Chip, out) -> bool:
     return fits
 
 
+def model_flops_per_device(run_cfg, layout, devices: int) -> tuple[float, float]:
+    """(forward + backward FLOPs x the remat factor, Muon's Newton-Schulz FLOPs), per device
+    (the optimiser's spread evenly): what the compiled step should cost."""
+    train = flops_per_step(run_cfg) * REMAT_FLOPS[run_cfg.model.remat] / devices
+    return train, optimizer_flops(run_cfg, layout) / devices
+
+
 def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out) -> bool:
-    """Compile for the slice and print the compiler's memory analysis; True when it fits (or
-    when libtpu is missing: nothing to say)."""
+    """Compile for the slice and print the compiler's memory and FLOPs next to the estimate;
+    True when it fits in HBM with 10% to spare (or when libtpu is missing: nothing to say)."""
     from parallel.mesh import AXES, MeshConfig
 
     out(f"compiling the train step for {topo.tpu_name} ({topo.devices} devices) with libtpu ...")
     t = time.perf_counter()
     try:
-        ma, secs = compile_step(run_cfg, layout, topo, MeshConfig(**{a: sizes[a] for a in AXES}))
+        ma, flops, secs = compile_step(run_cfg, layout, topo, MeshConfig(**{a: sizes[a] for a in AXES}))
     except ImportError as e:
         out(f"compile: skipped ({e})")
         return True
@@ -505,16 +535,29 @@ def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out) -> 
             raise
         out(f"compiled in {time.perf_counter() - t:.1f} s: DOES NOT FIT: {str(e).splitlines()[0]}")
         return False
-    peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+    compiled = compiled_total(ma)
     out(f"compiled in {secs:.1f} s; per device: arguments {_size(ma.argument_size_in_bytes)} "
         f"(estimate {_size(mem.params + mem.rest + mem.opt + mem.batch)}), outputs "
         f"{_size(ma.output_size_in_bytes)} (aliased {_size(ma.alias_size_in_bytes)}), temporaries "
         f"{_size(ma.temp_size_in_bytes)} (estimate {_size(mem.saved + mem.working + mem.grads)}), "
         f"code {_size(ma.generated_code_size_in_bytes)}")
     hbm = topo.chip.hbm
-    out(f"compiled peak {_size(peak)} of {hbm / GiB:.1f} GiB ({peak / hbm:.0%}): "
-        f"{'fits' if peak <= hbm else 'DOES NOT FIT'}")
-    return peak <= hbm
+    fits = compiled <= FIT_FRACTION * hbm
+    out(f"compiled total {_size(compiled)} of {hbm / GiB:.1f} GiB ({compiled / hbm:.0%}): "
+        f"{'fits' if fits else 'DOES NOT FIT'} (with {1 - FIT_FRACTION:.0%} of HBM to spare)")
+    gap = mem.total / compiled - 1
+    out(f"estimate {_size(mem.total)} is {abs(gap):.0%} {'above' if gap > 0 else 'below'} the compiled total; "
+        "trust the compiled figure (the buffers XLA will allocate), the estimate says what they are")
+    train, optim = model_flops_per_device(run_cfg, layout, topo.devices)
+    out(f"FLOPs per device: compiled {flops:.3g} (XLA cost analysis) vs model {train + optim:.3g} "
+        f"(forward + backward x {REMAT_FLOPS[run_cfg.model.remat]:.3g} remat {train:.3g} + Muon "
+        f"Newton-Schulz {optim:.3g}): ratio {flops / (train + optim):.2f}")
+    return fits
+
+
+def compiled_total(ma) -> float:
+    """Per-device bytes of a compiled step: arguments + temporaries + outputs not aliased."""
+    return ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
 
 
 def parse_args(argv):

@@ -1,0 +1,99 @@
+"""Train a ~1B-active DeepSeek-V4 on one accelerator for a few steps: tokens/s and MFU.
+
+Usage: python bench/gpu_train.py [--steps 10] [--warmup 2] [--batch 8] [--seq 4096] [--tiny]
+
+The model: v4-flash's architecture narrowed to dim 2048, 12 layers (2 window, then CSA / HCA
+alternating), 16 heads of 512, 32 experts (top-6) of 1408 hidden units: 1.25B active of 4.6B
+parameters. bfloat16 compute, float32 parameters, Muon, remat full, the real train step of
+`python -m train` (model.moe_impl auto: ragged_dot on GPU, megablox on TPU). MFU counts
+model.flops_per_token x the remat factor against the chip's dense bf16 peak (train/plan.py's
+catalogue, by device kind; --peak overrides). --tiny runs a small shape anywhere (how the test
+suite checks this script on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODEL = ["model.preset=v4-flash", "model.dim=2048", "model.n_layers=12", "model.n_heads=16",
+         "model.q_lora_rank=768", "model.o_groups=4", "model.o_lora_rank=512",
+         "model.compress_ratios=[0,0,4,128,4,128,4,128,4,128,4,128]", "model.n_routed_experts=32",
+         "model.moe_inter_dim=1408", "model.index_n_heads=16", "model.index_topk=256", "model.n_hash_layers=2"]
+TINY = ["model.preset=tiny"]
+PEAKS = {"h100": "h100", "h200": "h200", "v5p": "v5p", "v6": "v6e", "v5 lite": "v5e", "v4": "v4", "7x": "tpu7x"}
+CPU_PEAK = 7.0e10  # this project's 2-core CPU: measured bf16 matmul rate (DESIGN.md)
+
+
+def peak_flops(device) -> float:
+    from train.plan import CHIPS
+
+    kind = device.device_kind.lower()
+    for key, chip in PEAKS.items():
+        if key in kind:
+            return CHIPS[chip].peak
+    return CPU_PEAK if device.platform == "cpu" else float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--tiny", action="store_true", help="the tiny preset (a CPU check of this script)")
+    ap.add_argument("--peak", type=float, help="bf16 FLOP/s of the device (default: by device kind)")
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from model import flops_per_token, param_counts
+    from parallel import MeshConfig, Rules, make_mesh, sharded
+    from train.config import load_run_config
+    from train.main import setup
+    from train.plan import REMAT_FLOPS
+
+    run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
+        *(TINY if args.tiny else MODEL), "model.dtype=bfloat16", "model.remat=full",
+        "mesh.data=1", "mesh.fsdp=1", "mesh.expert=1", "mesh.tensor=1", f"data.global_batch={args.batch}",
+        f"data.seq_len={args.seq}", f"train.steps={args.warmup + args.steps + 20}", "log.tensorboard=false"])
+    cfg, device = run_cfg.model, jax.devices()[0]
+    counts = param_counts(cfg)
+    print(f"device: {device.device_kind} ({device.platform}); model: {counts['total'] / 1e9:.2f}B parameters, "
+          f"{counts['active'] / 1e9:.2f}B active, batch {args.batch} x {args.seq}", flush=True)
+    mesh = make_mesh(MeshConfig(data=1), cfg, devices=[device], global_batch=args.batch)
+    rules = Rules(run_cfg.rules)
+    state, shardings, step_fn = setup(run_cfg, mesh, rules)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+    ones = np.ones((args.batch, args.seq), np.int32)
+    batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
+                            "loss_mask": ones.astype(np.float32)}, NamedSharding(mesh, rules.spec(("batch", None))))
+    with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
+        step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None))
+        t = time.perf_counter()
+        for _ in range(args.warmup):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(state)
+        print(f"compiled and warmed up in {time.perf_counter() - t:.1f} s", flush=True)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(state)
+        sec = (time.perf_counter() - t) / args.steps
+    loss = float(metrics["loss"])
+    tps = args.batch * args.seq / sec
+    flops = flops_per_token(cfg, args.seq)["train"] * REMAT_FLOPS[cfg.remat]
+    peak = args.peak or peak_flops(device)
+    print(f"step {sec * 1000:.1f} ms, {tps:,.0f} tokens/s, loss {loss:.3f}, "
+          f"MFU {tps * flops / peak:.1%} of {peak / 1e12:.3g} TFLOP/s bf16 (hardware FLOPs incl. remat)")
+    return 0 if np.isfinite(loss) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
