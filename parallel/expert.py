@@ -12,7 +12,8 @@ tensor device computes its share of the hidden units and one psum over `tensor` 
 the shared expert, computed in the same place) finishes the down projection. FSDP shards of the
 expert weights are all-gathered inside.
 
-Two transports, one switch (`transport`):
+Without an expert axis (ep = 1) the pairs stay where they are. Otherwise two transports, one
+switch (`transport`):
 - "capacity": fixed-size buffers and `all_to_all`; runs everywhere (XLA:CPU included). Each
   (source, destination) pair gets C = ceil(capacity_factor * P / ep) slots; pairs beyond it are
   dropped (output 0 for that slot) and counted. capacity_factor=None is dropless: C = P, the
@@ -111,7 +112,7 @@ class ExpertParallel:
         xf = x.reshape(b * s, d)
         impl = choose_impl(cfg.moe_impl, self.platform)
         experts = lambda xs, e, valid: self._local_experts(cfg, impl, xs, e, valid, w1, w3, w2, dt)  # noqa: E731
-        send = self._capacity if self.transport == "capacity" else self._ragged
+        send = self._local if self.ep == 1 else self._capacity if self.transport == "capacity" else self._ragged
         y, dropped = send(xf, idx.reshape(-1), wts.reshape(-1), w1.shape[0], experts)
         h = swiglu(jnp.einsum("nd,df->nf", xf.astype(dt), sw1.astype(dt), preferred_element_type=F32),
                    jnp.einsum("nd,df->nf", xf.astype(dt), sw3.astype(dt), preferred_element_type=F32),
@@ -144,6 +145,12 @@ class ExpertParallel:
         out = down(hw)
         out = jnp.where(valid[order][:, None], out, 0.0).astype(xs.dtype)
         return out[jnp.argsort(order)]  # unsort: a gather by the inverse permutation
+
+    def _local(self, xf, e_flat, w_flat, n_local, experts):
+        """No expert axis: every pair stays here; no transport buffers."""
+        k = e_flat.shape[0] // xf.shape[0]
+        out = self._run_local(experts, jnp.repeat(xf, k, axis=0), e_flat, w_flat, jnp.ones(e_flat.shape, bool))
+        return out.astype(F32).reshape(xf.shape[0], k, -1).sum(1), jnp.zeros((), jnp.int32)
 
     def _capacity(self, xf, e_flat, w_flat, n_local, experts):
         ep, k = self.ep, e_flat.shape[0] // xf.shape[0]
