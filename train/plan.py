@@ -368,7 +368,7 @@ def why_not(run_cfg, mem: Memory, hbm: float) -> list[str]:
 
 # --- ahead-of-time compile for a TPU slice ------------------------------------------------
 def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
-    """(compiled memory analysis, FLOPs per device from XLA's cost analysis, seconds): the
+    """(compiled memory analysis, FLOPs per device (train/hlo_flops.py), seconds): the
     actual jitted train step lowered and compiled for the slice's devices by libtpu on this
     host. Raises ImportError without libtpu."""
     import jax
@@ -377,6 +377,7 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
     from jax.sharding import NamedSharding
 
     from parallel import Rules, make_mesh, sharded
+    from train.hlo_flops import hlo_flops
     from train.optim import make_optimizer, schedule
     from train.step import make_train_step
 
@@ -398,9 +399,7 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
     with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
         out = jax.tree.map(lambda x: x.sharding, state)
         compiled = jax.jit(step, donate_argnums=0, out_shardings=(out, None)).lower(state, batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return compiled.memory_analysis(), float(cost.get("flops", 0.0)), time.perf_counter() - t
+    return compiled.memory_analysis(), hlo_flops(compiled.as_text())[0], time.perf_counter() - t
 
 
 def libtpu_available() -> bool:
@@ -549,7 +548,7 @@ def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out) -> 
     out(f"estimate {_size(mem.total)} is {abs(gap):.0%} {'above' if gap > 0 else 'below'} the compiled total; "
         "trust the compiled figure (the buffers XLA will allocate), the estimate says what they are")
     train, optim = model_flops_per_device(run_cfg, layout, topo.devices)
-    out(f"FLOPs per device: compiled {flops:.3g} (XLA cost analysis) vs model {train + optim:.3g} "
+    out(f"FLOPs per device: compiled {flops:.3g} (its matmuls, loops x trip counts) vs model {train + optim:.3g} "
         f"(forward + backward x {REMAT_FLOPS[run_cfg.model.remat]:.3g} remat {train:.3g} + Muon "
         f"Newton-Schulz {optim:.3g}): ratio {flops / (train + optim):.2f}")
     return fits
