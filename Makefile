@@ -21,6 +21,7 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/mesh_step.py
+	$(PY) bench/gmm.py
 	$(PY) bench/train_speed.py --steps 3 --warmup 1 --batch 8 --seq 128
 
 clean:

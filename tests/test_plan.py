@@ -164,3 +164,16 @@ def test_aot_compile_for_a_tpu_slice(monkeypatch):
     want = mem.params + mem.rest + mem.opt + mem.batch
     assert math.isclose(analysis.argument_size_in_bytes, want, rel_tol=0.10), (analysis, want)
     assert analysis.alias_size_in_bytes > 0.9 * want  # the state is donated: updated in place
+
+
+def test_v4_pro_pod_config_resolves_on_its_slice():
+    """configs/v4-pro-pod.yaml loads and its mesh resolves on tpu7x-2048 to one sequence per
+    device (fsdp=32 x expert=64; docs/benchmarks.md has the compiled figures)."""
+    from parallel.mesh import validate
+
+    cfg = load_run_config("configs/v4-pro-pod.yaml")
+    topo = P.parse_topology("tpu7x-2048")
+    sizes = cfg.mesh.resolve(topo.devices)
+    assert sizes == {"data": 1, "fsdp": 32, "expert": 64, "tensor": 1}
+    validate(sizes, cfg.model, cfg.data.global_batch)
+    assert cfg.model.n_routed_experts == 384 and P.check_mesh(cfg, sizes) is None

@@ -113,7 +113,8 @@ def _taps(length: int, size: int, out: int, w: dict) -> float:
 
 def _trip_count(cond, comps) -> int | None:
     """N of a loop condition `counter < N` (the compare possibly wrapped in a fusion)."""
-    consts = {name: rest for name, shape, op, rest in cond if op == "constant" and shape.startswith(("s32", "u32", "s64"))}
+    consts = {name: rest for name, shape, op, rest in cond
+              if op == "constant" and shape.startswith(("s32", "u32", "s64"))}
 
     def is_lt(op, rest):
         if op == "compare":

@@ -3,7 +3,8 @@
 Muon (train/muon.py: optax.contrib.muon's update, Nesterov momentum, Newton-Schulz
 orthogonalisation of whole matrices per device, update RMS rescaled to `muon_rms` *
 sqrt(max(fan_in, fan_out)), decoupled weight decay) for the weight matrices; AdamW for the
-embedding, the LM head, norm weights, mHC projections / biases / scales (the "gates"), attention sinks, compressor positional biases and every other non-matrix.
+embedding, the LM head, norm weights, mHC projections / biases / scales (the "gates"),
+attention sinks, compressor positional biases and every other non-matrix.
 The 10 Newton-Schulz steps follow the spec: 8 with (3.4445, -4.7750, 2.0315), then 2 with
 (2, -1.5, 0.5). Stacked layers and experts are batch axes of the orthogonalisation: each layer's
 (each expert's) matrix is orthogonalised on its own.
