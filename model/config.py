@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
-MOE_IMPLS = ("auto", "dense", "ragged", "tiled", "megablox")  # see model/gmm.py
+MOE_IMPLS = ("auto", "dense", "ragged", "tiled", "megablox")  # model/gmm.py implements them
 REMATS = ("none", "full", "save_matmuls")
 DTYPES = ("float32", "bfloat16", "float16")
 

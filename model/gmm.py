@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "dense", "ragged", "tiled", "megablox")
+from .config import MOE_IMPLS as IMPLS  # the values of model.moe_impl
 
 
 def choose_impl(impl: str, platform: str | None = None) -> str:
