@@ -1,0 +1,193 @@
+"""Block-scaled low-precision formats of DeepSeek-V4: e4m3 (FP8) and e2m1 (FP4), UE8M0 scales.
+
+One scale per block of values: `block` is an int (blocks of that many consecutive elements
+along the last axis, e.g. activations 1 x 128, experts 1 x 32, KV 1 x 64) or a (rows, cols)
+tuple (2-D blocks over the last two axes, e.g. weights 128 x 128). A block's scale is
+
+    amax  = max(max |x| over the block, floor)      floor: e4m3 1e-4, e2m1 6 * 2^-126
+    scale = amax * (1 / fmax)                       fmax: e4m3 448, e2m1 6
+    scale = 2^ceil(log2(scale))                     when scale_fmt = "ue8m0" (V4's default)
+
+and the stored value is clip(x / scale, -fmax, fmax) rounded to the format (nearest, ties to
+even). This is DeepSeek's training-time `act_quant` / `fp4_act_quant` (the floor applies to
+amax; FlashMLA's KV-cache writer floors amax / 448 instead: that one lives in infer/).
+
+`qdq` (quantise-dequantise) is the fake quantisation of quantisation-aware training: forward
+value = dequantize(quantize(x)), gradient = identity (straight-through). Non-finite input: a
+block holding a NaN or an infinity dequantises to NaN in every element (its scale is NaN),
+so a diverging run shows NaN instead of silently saturating.
+
+Storage helpers: `ue8m0_encode/decode` (scale <-> exponent byte, value = 2^(byte - 127)) and
+`pack_e2m1/unpack_e2m1` (two e2m1 codes per byte, first element in the low nibble, as
+PyTorch's float4_e2m1fn_x2 and DeepSeek's checkpoints store them).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError
+
+F32 = jnp.float32
+# format -> (storage dtype, largest finite magnitude, floor of the block amax)
+FORMATS = {
+    "e4m3": (jnp.float8_e4m3fn, 448.0, 1e-4),
+    "e2m1": (jnp.float4_e2m1fn, 6.0, 6.0 * 2.0 ** -126),
+}
+SCALE_FMTS = ("ue8m0", "float32")
+
+
+def _format(fmt: str):
+    if fmt not in FORMATS:
+        raise ConfigError(f"quant format: unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def _blocks(shape, block, what: str = "x"):
+    """The block shape as a tuple over the last len(block) axes, checked against `shape`."""
+    block = (block,) if isinstance(block, int) else tuple(block)
+    if len(block) not in (1, 2) or any(not isinstance(b, (int, np.integer)) or b <= 0 for b in block):
+        raise ConfigError(f"quant block: {block!r} must be a positive int or a (rows, cols) pair")
+    if len(shape) < len(block):
+        raise ConfigError(f"{what}: shape {tuple(shape)} has fewer axes than the block {block}")
+    tail = tuple(shape[len(shape) - len(block):])
+    bad = [(n, b) for n, b in zip(tail, block) if n % b]
+    if bad:
+        raise ConfigError(f"{what}: block {block} does not divide the last axes {tail} of shape "
+                          f"{tuple(shape)}; use a block that divides every axis it tiles")
+    return block
+
+
+def _split(x, block):
+    """[..., R, C] -> [..., R/r, r, C/c, c] (2-D) or [..., N] -> [..., N/b, b] (1-D)."""
+    lead = x.shape[: x.ndim - len(block)]
+    parts = []
+    for n, b in zip(x.shape[x.ndim - len(block):], block):
+        parts += [n // b, b]
+    return x.reshape(*lead, *parts)
+
+
+def _block_axes(ndim_split: int, block) -> tuple[int, ...]:
+    return (ndim_split - 1,) if len(block) == 1 else (ndim_split - 3, ndim_split - 1)
+
+
+def pow2_ceil(s):
+    """The smallest power of two >= s (s > 0, float32), exactly: from the binary exponent."""
+    m, e = jnp.frexp(s)                      # s = m * 2^e, m in [0.5, 1)
+    e = jnp.where(m == 0.5, e - 1, e)        # s is already a power of two
+    return jnp.ldexp(jnp.ones_like(s), e)
+
+
+def _scales(xb, fmt: str, block, scale_fmt: str):
+    """Scales of the split blocks `xb` (block axes kept as size-1 axes), NaN for a block with a
+    non-finite element."""
+    _, fmax, floor = _format(fmt)
+    if scale_fmt not in SCALE_FMTS:
+        raise ConfigError(f"quant scale_fmt: {scale_fmt!r}; choose one of {SCALE_FMTS}")
+    axes = _block_axes(xb.ndim, block)
+    amax = jnp.max(jnp.abs(xb), axis=axes, keepdims=True)
+    finite = jnp.all(jnp.isfinite(xb), axis=axes, keepdims=True)
+    scale = jnp.maximum(amax, floor) * F32(1.0 / fmax)
+    if scale_fmt == "ue8m0":
+        scale = pow2_ceil(scale)
+    return jnp.where(finite, scale, jnp.nan)
+
+
+def _codes(xb, scale, fmt: str):
+    dtype, fmax, _ = _format(fmt)
+    return jnp.clip(xb / scale, -fmax, fmax).astype(dtype)
+
+
+def quantize(x, fmt: str, block, scale_fmt: str = "ue8m0"):
+    """(values in the format's dtype, x's shape; float32 scales [..., N/b] or [..., R/r, C/c])."""
+    block = _blocks(x.shape, block)
+    xb = _split(x.astype(F32), block)
+    scale = _scales(xb, fmt, block, scale_fmt)
+    values = _codes(xb, scale, fmt).reshape(x.shape)
+    return values, jnp.squeeze(scale, _block_axes(xb.ndim, block))
+
+
+def dequantize(values, scales, fmt: str, block, dtype=F32):
+    """values * their block's scale, in `dtype`; a scale of the wrong shape is an error."""
+    _format(fmt)
+    block = _blocks(values.shape, block, "values")
+    lead = values.shape[: values.ndim - len(block)]
+    expect = lead + tuple(n // b for n, b in zip(values.shape[values.ndim - len(block):], block))
+    if tuple(scales.shape) != expect:
+        raise ConfigError(f"scales: shape {tuple(scales.shape)} does not match values "
+                          f"{tuple(values.shape)} in blocks {block}; expected {expect}")
+    vb = _split(values.astype(F32), block)
+    s = jnp.expand_dims(scales.astype(F32), _block_axes(vb.ndim, block))
+    return (vb * s).reshape(values.shape).astype(dtype)
+
+
+def _qdq_value(x, fmt, block, scale_fmt):
+    xb = _split(x.astype(F32), block)
+    scale = _scales(xb, fmt, block, scale_fmt)
+    return (_codes(xb, scale, fmt).astype(F32) * scale).reshape(x.shape).astype(x.dtype)
+
+
+def _qdq_fwd(x, fmt, block, scale_fmt):
+    return _qdq_value(x, fmt, block, scale_fmt), None
+
+
+def _qdq_bwd(fmt, block, scale_fmt, _, g):
+    return (g,)
+
+
+_qdq = jax.custom_vjp(_qdq_value, nondiff_argnums=(1, 2, 3))
+_qdq.defvjp(_qdq_fwd, _qdq_bwd)
+
+
+def qdq(x, fmt: str, block, scale_fmt: str = "ue8m0"):
+    """Fake quantisation: x rounded to `fmt` in blocks (x's shape and dtype), with a
+    straight-through gradient (d qdq / dx = identity)."""
+    _format(fmt)
+    block = _blocks(x.shape, block)
+    return _qdq(x, fmt, block, scale_fmt)
+
+
+# --- storage ------------------------------------------------------------------------------
+def ue8m0_encode(scales):
+    """Power-of-two float32 scales -> uint8 exponent bytes (2^(byte - 127)); NaN -> 255."""
+    _, e = jnp.frexp(scales.astype(F32))
+    byte = jnp.clip(e - 1 + 127, 0, 254).astype(jnp.uint8)
+    return jnp.where(jnp.isfinite(scales), byte, jnp.uint8(255))
+
+
+def ue8m0_decode(byte):
+    """uint8 exponent bytes -> float32 scales (255 -> NaN)."""
+    e = byte.astype(jnp.int32) - 127
+    return jnp.where(byte == 255, jnp.nan, jnp.ldexp(jnp.ones(byte.shape, F32), e))
+
+
+def pack_e2m1(values):
+    """e2m1 values [..., N] (N even) -> uint8 [..., N/2]: element 2i in the low nibble."""
+    if values.shape[-1] % 2:
+        raise ConfigError(f"pack_e2m1: last axis {values.shape[-1]} must be even")
+    codes = jax.lax.bitcast_convert_type(values.astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.uint8)
+    codes = codes.reshape(*codes.shape[:-1], -1, 2)
+    return codes[..., 0] | (codes[..., 1] << 4)
+
+
+def unpack_e2m1(packed):
+    """uint8 [..., N/2] -> e2m1 values [..., N] (inverse of pack_e2m1)."""
+    lo, hi = packed & 0xF, packed >> 4
+    codes = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1).astype(jnp.uint4)
+    return jax.lax.bitcast_convert_type(codes, jnp.float4_e2m1fn)
+
+
+def hadamard(x):
+    """Orthonormal Walsh-Hadamard transform of the last axis (a power of two): x @ H / sqrt(n).
+    DeepSeek rotates the indexer's q and keys with it before FP4 so that outliers spread over
+    the block (the transform itself leaves float dot products unchanged)."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ConfigError(f"hadamard: last axis {n} must be a power of two")
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return jnp.einsum("...i,ij->...j", x, jnp.asarray(h / math.sqrt(n), x.dtype))

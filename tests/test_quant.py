@@ -1,0 +1,146 @@
+"""model/quant.py against a NumPy re-derivation of DeepSeek's block-quantisation rules.
+
+The oracle rounds by hand (grid step from the binary exponent, np.round = ties to even), so
+it shares no code with XLA's float8 / float4 conversions."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from model import quant
+from model.config import ConfigError
+
+# format -> (max, amax floor, mantissa bits, smallest normal exponent)
+SPEC = {"e4m3": (448.0, 1e-4, 3, -6), "e2m1": (6.0, 6.0 * 2.0 ** -126, 1, 0)}
+
+
+def round_to_format(v, fmt):
+    """v (float64, |v| <= max) rounded to the format's grid, ties to even."""
+    _, _, mbits, emin = SPEC[fmt]
+    mag = np.abs(v)
+    e = np.floor(np.log2(np.where(mag > 0, mag, 1.0)))
+    step = 2.0 ** (np.maximum(e, emin) - mbits)   # subnormals share the smallest normal's step
+    return np.round(v / step) * step
+
+
+def oracle_qdq(x, fmt, block, ue8m0=True):
+    fmax, floor, _, _ = SPEC[fmt]
+    x = np.asarray(x, np.float32)
+    block = (block,) if isinstance(block, int) else block
+    if len(block) == 1:
+        xb = x.reshape(*x.shape[:-1], -1, block[0])
+        axes = (-1,)
+    else:
+        r, c = block
+        xb = x.reshape(*x.shape[:-2], x.shape[-2] // r, r, x.shape[-1] // c, c)
+        axes = (-3, -1)
+    amax = np.max(np.abs(xb), axis=axes, keepdims=True)
+    scale = np.maximum(amax, np.float32(floor)) * np.float32(1.0 / fmax)   # float32, as DeepSeek
+    if ue8m0:
+        scale = 2.0 ** np.ceil(np.log2(scale.astype(np.float64)))
+    v = np.clip(xb.astype(np.float64) / scale, -fmax, fmax)
+    out = (round_to_format(v, fmt) * scale).astype(np.float32)
+    bad = ~np.all(np.isfinite(xb), axis=axes, keepdims=True)
+    return np.where(bad, np.nan, out).reshape(x.shape)
+
+
+def awkward(rng, shape, block_len):
+    """Random values with the edge cases in whole blocks: zeros, tiny amax, +-max, subnormals."""
+    x = (rng.standard_normal(shape) * np.exp(rng.uniform(-8, 8, shape))).astype(np.float32)
+    flat = x.reshape(-1, block_len)
+    flat[0] = 0.0                                              # all-zero block
+    flat[1] = rng.uniform(-1e-5, 1e-5, block_len)              # amax below the 1e-4 floor
+    flat[2, :2] = [448.0, -448.0]                              # the e4m3 extremes
+    flat[3, :2] = [6.0, -6.0]                                  # the e2m1 extremes
+    flat[4] = rng.uniform(-1, 1, block_len) * 1e-39            # float32 subnormals
+    flat[5] = np.float32(2.0 ** -3) * np.arange(block_len)     # exact grid points / ties
+    return flat.reshape(shape)
+
+
+@pytest.mark.parametrize("fmt,block,shape", [
+    ("e4m3", 128, (6, 512)), ("e4m3", 64, (4, 3, 448)), ("e2m1", 32, (8, 256)),
+    ("e4m3", (128, 128), (256, 384)), ("e2m1", (4, 32), (2, 16, 64)),
+])
+def test_qdq_bit_exact_against_numpy(fmt, block, shape):
+    rng = np.random.default_rng(0)
+    x = awkward(rng, shape, block if isinstance(block, int) else shape[-1])
+    got = np.asarray(jax.jit(lambda v: quant.qdq(v, fmt, block))(x))
+    want = oracle_qdq(x, fmt, block)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    # the floor: an all-zero block stays zero, a block below 1e-4 keeps a finite scale
+    values, scales = quant.quantize(x, fmt, block)
+    assert np.all(np.isfinite(np.asarray(scales)))
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(values, scales, fmt, block)), got)
+
+
+def test_float32_scales_and_formats_match_ml_dtypes():
+    rng = np.random.default_rng(1)
+    x = awkward(rng, (8, 128), 128)
+    got = np.asarray(quant.qdq(x, "e4m3", 128, scale_fmt="float32"))
+    np.testing.assert_array_equal(got, oracle_qdq(x, "e4m3", 128, ue8m0=False))
+    values, _ = quant.quantize(x, "e2m1", 32)
+    grid = np.asarray(values).astype(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    assert set(np.abs(grid).ravel()) <= {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+
+
+def test_ue8m0_scales_are_powers_of_two_rounded_up():
+    x = jnp.asarray([[448.0 * 2 ** -3] + [0.0] * 127,          # amax / 448 exactly 2^-3
+                     [448.0 * 2 ** -3 * 1.01] + [0.0] * 127])  # just above: rounds up to 2^-2
+    _, scales = quant.quantize(x, "e4m3", 128)
+    np.testing.assert_array_equal(np.asarray(scales)[:, 0], [2.0 ** -3, 2.0 ** -2])
+    assert np.asarray(quant.ue8m0_encode(scales)).tolist() == [[124], [125]]
+    np.testing.assert_array_equal(np.asarray(quant.ue8m0_decode(quant.ue8m0_encode(scales))), scales)
+
+
+def test_non_finite_input_gives_nan_blocks():
+    x = np.ones((3, 64), np.float32)
+    x[0, 5], x[1, 7] = np.inf, np.nan
+    out = np.asarray(quant.qdq(x, "e2m1", 32))
+    assert np.isnan(out[0, :32]).all() and np.isnan(out[1, :32]).all()
+    np.testing.assert_array_equal(out[0, 32:], 1.0)
+    np.testing.assert_array_equal(out[2], 1.0)
+
+
+def test_straight_through_gradient_is_identity():
+    x = jax.random.normal(jax.random.key(0), (4, 64), jnp.float32) * 10
+    g = jax.random.normal(jax.random.key(1), (4, 64), jnp.float32)
+    for fmt, block in (("e4m3", 32), ("e2m1", (2, 32))):
+        _, vjp = jax.vjp(lambda v: quant.qdq(v, fmt, block), x)
+        np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(g))
+
+
+def test_qdq_keeps_shape_and_dtype():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 128), jnp.bfloat16)
+    y = quant.qdq(x, "e4m3", 64)
+    assert y.shape == x.shape and y.dtype == jnp.bfloat16
+    # bf16 holds every e4m3 value times a power of two exactly
+    want = oracle_qdq(np.asarray(x, np.float32), "e4m3", 64)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), want)
+
+
+def test_pack_e2m1_round_trip_low_nibble_first():
+    values = jnp.asarray([[0.5, -6.0, 1.0, 0.0]], jnp.float4_e2m1fn)
+    packed = quant.pack_e2m1(values)
+    # codes: 0.5 = 0b0001, -6 = 0b1111, 1.0 = 0b0010, 0 = 0b0000
+    assert np.asarray(packed).tolist() == [[0xF1, 0x02]]
+    np.testing.assert_array_equal(np.asarray(quant.unpack_e2m1(packed), np.float32),
+                                  np.asarray(values, np.float32))
+
+
+def test_hadamard_is_orthonormal():
+    x = jax.random.normal(jax.random.key(2), (3, 32))
+    y = quant.hadamard(x)
+    np.testing.assert_allclose(np.asarray(y @ y.T), np.asarray(x @ x.T), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(quant.hadamard(y)), np.asarray(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: quant.qdq(jnp.ones((4, 100)), "e4m3", 128), "does not divide"),
+    (lambda: quant.qdq(jnp.ones((4, 128)), "e5m2", 128), "unknown format"),
+    (lambda: quant.quantize(jnp.ones((100, 128)), "e4m3", (128, 128)), "does not divide"),
+    (lambda: quant.dequantize(jnp.ones((4, 128)), jnp.ones((4, 2)), "e4m3", 128), r"expected \(4, 1\)"),
+])
+def test_bad_input_is_a_clear_error(call, match):
+    with pytest.raises(ConfigError, match=match):
+        call()
