@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import quant
 from .compressor import Compressor, visible
 from .config import ModelConfig
 from .indexer import Indexer, indexer_kl
@@ -55,13 +56,15 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, ratio: int, rngs: nnx.Rngs):
         self.cfg, self.ratio = cfg, ratio
         h, k, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
-        self.wq_a = Linear((cfg.dim, cfg.q_lora_rank), ("embed", "q_lora"), cfg, rngs)
+        fp8 = cfg.quant_matmul
+        self.wq_a = Linear((cfg.dim, cfg.q_lora_rank), ("embed", "q_lora"), cfg, rngs, quant=fp8)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora")
-        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora_in", "heads", "head_dim"), cfg, rngs)
-        self.wkv = Linear((cfg.dim, k), ("embed", "head_dim"), cfg, rngs)
+        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora_in", "heads", "head_dim"), cfg, rngs, quant=fp8)
+        self.wkv = Linear((cfg.dim, k), ("embed", "head_dim"), cfg, rngs, quant=fp8)
         self.kv_norm = RMSNorm(k, cfg.norm_eps, "head_dim")
         self.wo_a = Linear((g, h // g * k, cfg.o_lora_rank), ("o_groups", "o_group_in", "o_lora"), cfg, rngs)
-        self.wo_b = Linear((g, cfg.o_lora_rank, cfg.dim), ("o_groups", "o_lora", "embed"), cfg, rngs)
+        self.wo_b = Linear((g, cfg.o_lora_rank, cfg.dim), ("o_groups", "o_lora", "embed"), cfg, rngs,
+                           quant=fp8, in_axis=1)
         self.sink = constant((h,), ("heads",), 0.0)
         self.compressor = Compressor(cfg, ratio, k, cfg.is_csa(ratio), rngs) if ratio else None
         self.indexer = Indexer(cfg, ratio, rngs) if ratio and cfg.is_csa(ratio) else None
@@ -75,7 +78,7 @@ class Attention(nnx.Module):
         q = constrain(self.wq_b(qr, "bsq,qhk->bshk"), ("batch", "act_seq", "act_heads", None))
         q = rms_normalize(q, cfg.norm_eps).astype(x_BSD.dtype)
         q = apply_rope(q, angles_SR)
-        kv = apply_rope(self.kv_norm(self.wkv(x_BSD)), angles_SR)
+        kv = self.kv_quant(apply_rope(self.kv_norm(self.wkv(x_BSD)), angles_SR))
         scale = cfg.head_dim ** -0.5
 
         # sliding window, chunked: each chunk of W queries sees its own and the previous chunk
@@ -112,11 +115,20 @@ class Attention(nnx.Module):
         y = self.wo_a(og, "bsgi,gio->bsgo")
         return constrain(self.wo_b(y, "bsgo,god->bsd"), ("batch", "act_seq", "act_embed")), kl
 
+    def kv_quant(self, kv):
+        """KV entries as DeepSeek stores them: the non-rope dims in e4m3 (quant_kv = fp8)."""
+        cfg = self.cfg
+        if cfg.quant_kv == "none":
+            return kv
+        r = cfg.rope_head_dim
+        nope = quant.qdq(kv[..., :-r], "e4m3", cfg.quant_kv_block)
+        return jnp.concatenate([nope, kv[..., -r:]], axis=-1)
+
     def _compressed(self, x, qr, q, positions_S, angles_SR, seg_BS, scale, dense_csa):
         """Logits [B, S, H, J] of the compressed candidates, a combine function for their
         probabilities, and on CSA layers the index scores / mask the KL loss compares."""
         ckv, block_seg = self.compressor(x, angles_SR, seg_BS)              # [B, T, K], [B, T]
-        ckv = ckv.astype(q.dtype)
+        ckv = self.kv_quant(ckv.astype(q.dtype))
         vis = visible(positions_S, seg_BS, block_seg, self.ratio)            # [B, S, T]
         out = {}
         if self.indexer is None or dense_csa:

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 MOE_IMPLS = ("auto", "dense", "ragged", "tiled", "megablox")  # model/gmm.py implements them
 REMATS = ("none", "full", "save_matmuls")
+QUANT_CHOICES = {"quant_matmul": ("none", "fp8"), "quant_experts": ("none", "fp8", "fp4"),
+                 "quant_kv": ("none", "fp8"), "quant_indexer": ("none", "fp4")}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -78,6 +80,22 @@ class ModelConfig:
     # rematerialisation of each block in the backward pass: none, full (keep only the block
     # inputs), save_matmuls (keep matmul outputs, recompute the rest)
     remat: str = "none"
+    # quantisation-aware training (model/quant.py): the forward pass rounds to DeepSeek's
+    # formats, the backward pass is straight-through, master weights stay in param_dtype.
+    # matmul fp8: activations (1 x quant_block) and weights (quant_block^2) of the query, KV,
+    # output (wo_b), shared-expert, indexer-query and MTP projections (not wo_a, compressors,
+    # indexer weights_proj, router, head, mHC);
+    # experts: routed expert weights in fp8 (quant_block^2) or fp4 (1 x quant_fp4_block along
+    # their input), their activations fp8;
+    # kv: the non-rope dims of every window and compressed KV entry, e4m3 in 1 x quant_kv_block;
+    # indexer: Hadamard-rotated index queries and keys in fp4 (1 x quant_fp4_block)
+    quant_matmul: str = "none"
+    quant_experts: str = "none"
+    quant_kv: str = "none"
+    quant_indexer: str = "none"
+    quant_block: int = 128
+    quant_fp4_block: int = 32
+    quant_kv_block: int = 64
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -157,11 +175,44 @@ def _validate(c: ModelConfig) -> None:
     _check(c.route_scale > 0, "route_scale", "must be > 0")
     _check(c.scan_max_period >= 1, "scan_max_period", "must be >= 1")
     _check(c.remat in REMATS, "remat", f"must be one of {REMATS}, got {c.remat!r}")
+    for name, choices in QUANT_CHOICES.items():
+        _check(getattr(c, name) in choices, name, f"must be one of {choices}, got {getattr(c, name)!r}")
+    for block, axes in _quant_axes(c).items():
+        for axis, size in axes:
+            _check(size % getattr(c, block) == 0, block,
+                   f"{getattr(c, block)} does not divide {axis} = {size}; pick a block that divides it")
+
+
+def _quant_axes(c: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """The axes each enabled quantisation block tiles (fp8 weight blocks tile input and output)."""
+    axes = {"quant_block": [], "quant_fp4_block": [], "quant_kv_block": []}
+    if c.quant_matmul == "fp8":
+        axes["quant_block"] += [("dim", c.dim), ("q_lora_rank", c.q_lora_rank),
+                                ("n_heads * head_dim", c.n_heads * c.head_dim), ("head_dim", c.head_dim),
+                                ("o_lora_rank", c.o_lora_rank),
+                                ("moe_inter_dim * n_shared_experts", c.moe_inter_dim * c.n_shared_experts),
+                                ("index_n_heads * index_head_dim", c.index_n_heads * c.index_head_dim)]
+    if c.quant_experts != "none":
+        axes["quant_block"] += [("dim", c.dim), ("moe_inter_dim", c.moe_inter_dim)]
+    if c.quant_experts == "fp4":
+        axes["quant_fp4_block"] += [("dim", c.dim), ("moe_inter_dim", c.moe_inter_dim)]
+    if c.quant_indexer == "fp4":
+        axes["quant_fp4_block"] += [("index_head_dim", c.index_head_dim)]
+        _check(c.index_head_dim & (c.index_head_dim - 1) == 0, "index_head_dim",
+               f"{c.index_head_dim} must be a power of two for the indexer's Hadamard rotation (quant_indexer)")
+    if c.quant_kv == "fp8":
+        axes["quant_kv_block"] += [("head_dim - rope_head_dim", c.head_dim - c.rope_head_dim)]
+    for name in axes:
+        _check(isinstance(getattr(c, name), int) and getattr(c, name) > 0, name,
+               f"must be a positive integer, got {getattr(c, name)!r}")
+    return axes
 
 
 # --- presets ----------------------------------------------------------------------------
 _SHARED_V4 = dict(rope_head_dim=64, head_dim=512, window_size=128, vocab_size=129280,
-                  index_n_heads=64, index_head_dim=128, n_hash_layers=3, n_mtp_layers=1)
+                  index_n_heads=64, index_head_dim=128, n_hash_layers=3, n_mtp_layers=1,
+                  # DeepSeek's training and released precision
+                  quant_matmul="fp8", quant_experts="fp4", quant_kv="fp8", quant_indexer="fp4")
 
 PRESETS: dict[str, ModelConfig] = {
     # Fits a laptop CPU: every component active (window, CSA with a selective indexer, HCA,
@@ -197,7 +248,7 @@ PRESETS: dict[str, ModelConfig] = {
                          o_groups=12, o_lora_rank=1024,
                          compress_ratios=(128, 128) + (4, 128) * 29 + (4,), index_topk=1024,
                          n_routed_experts=384, n_activated_experts=6, moe_inter_dim=2272,
-                         route_scale=2.5),
+                         route_scale=2.5, quant_block=32),  # 2272 is not a multiple of 128
 }
 
 

@@ -6,9 +6,9 @@ Score I[s, t] = sum_h w[s, h] * ReLU(q[s, h] . K[t]), w = x @ W_w * K^-0.5 * H^-
 index keys K from the indexer's own overlapping compressor and queries from the query latent,
 both rotated (YaRN rope). Invisible blocks (incomplete, or of another packed document) score
 -inf and, if chosen because fewer than k are visible, come back as index -1.
-DeepSeek's inference code rotates q and K with a Hadamard transform and simulates FP4 before
-scoring; the transform is orthogonal, so in float arithmetic the scores are the same and we
-skip it here (quantisation simulation belongs to model/quant.py).
+With quant_indexer = fp4, q and K are rotated by a Hadamard transform and fake-quantised to
+e2m1 (blocks of quant_fp4_block) before scoring, as DeepSeek's inference code does; without
+it the rotation is skipped (it is orthogonal: float scores are the same).
 The input is detached: the language-model loss never trains the indexer; its own KL loss does.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import quant
 from .compressor import Compressor, visible
 from .config import ModelConfig
 from .layers import Linear, apply_rope
@@ -25,9 +26,11 @@ from .layers import Linear, apply_rope
 class Indexer(nnx.Module):
     def __init__(self, cfg: ModelConfig, ratio: int, rngs: nnx.Rngs):
         self.ratio, self.topk = ratio, cfg.index_topk
+        self.fp4_block = cfg.quant_fp4_block if cfg.quant_indexer == "fp4" else None
         h, k = cfg.index_n_heads, cfg.index_head_dim
         self.compressor = Compressor(cfg, ratio, k, overlap=True, rngs=rngs)
-        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora_in", "index_heads", "index_head_dim"), cfg, rngs)
+        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora_in", "index_heads", "index_head_dim"), cfg, rngs,
+                           quant=cfg.quant_matmul)
         self.weights_proj = Linear((cfg.dim, h), ("embed", "index_heads"), cfg, rngs)
         self.weight_scale = (k ** -0.5) * (h ** -0.5)
 
@@ -36,6 +39,9 @@ class Indexer(nnx.Module):
         x, qr = jax.lax.stop_gradient(x_BSD), jax.lax.stop_gradient(qr_BSQ)
         keys_BTK, block_seg = self.compressor(x, angles_SR, seg_BS)
         q_BSHK = apply_rope(self.wq_b(qr, "bsq,qhk->bshk"), angles_SR)
+        if self.fp4_block:
+            q_BSHK = quant.qdq(quant.hadamard(q_BSHK), "e2m1", self.fp4_block)
+            keys_BTK = quant.qdq(quant.hadamard(keys_BTK), "e2m1", self.fp4_block)
         w_BSH = self.weights_proj(x).astype(jnp.float32) * self.weight_scale
         logits = jnp.einsum("bshk,btk->bsht", q_BSHK.astype(jnp.float32), keys_BTK)
         scores = jnp.einsum("bsht,bsh->bst", jax.nn.relu(logits), w_BSH)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import quant
 from .config import ModelConfig
 
 
@@ -73,15 +74,35 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = x @ w with w stored [in..., out...]; computes in `dtype` (float32 for fp32 paths)."""
+    """y = x @ w with w stored [in..., out...]; computes in `dtype` (float32 for fp32 paths).
 
-    def __init__(self, shape, axes, cfg: ModelConfig, rngs: nnx.Rngs, dtype: str | None = None):
+    quant="fp8" fake-quantises the input (1 x cfg.quant_block blocks along its last axis) and
+    the weight in cfg.quant_block^2 tiles of (its contracted axis `in_axis`, its last axis),
+    any other axis (heads, groups) indexing separate matrices."""
+
+    def __init__(self, shape, axes, cfg: ModelConfig, rngs: nnx.Rngs, dtype: str | None = None,
+                 quant: str = "none", in_axis: int = 0):
         self.dtype = dtype or cfg.dtype
+        self.quant, self.block, self.in_axis = quant, cfg.quant_block, in_axis
         self.w = normal(rngs, tuple(shape), axes, cfg.init_std, cfg.param_dtype)
+
+    def weight(self):
+        """The weight as the matmul sees it (fake-quantised when quant is on)."""
+        w = self.w[...]
+        return w if self.quant == "none" else fp8_weight(w, self.in_axis, self.block)
+
+    def quant_input(self, x):
+        return x if self.quant == "none" else quant.qdq(x, "e4m3", self.block)
 
     def __call__(self, x, spec: str = "...i,io->...o"):
         dt = dtype_of(self.dtype)
-        return jnp.einsum(spec, x.astype(dt), self.w[...].astype(dt))
+        return jnp.einsum(spec, self.quant_input(x).astype(dt), self.weight().astype(dt))
+
+
+def fp8_weight(w, in_axis: int, block: int):
+    """w fake-quantised to e4m3 in block x block tiles of (axis in_axis, last axis)."""
+    w = jnp.moveaxis(w, in_axis, -2)
+    return jnp.moveaxis(quant.qdq(w, "e4m3", (block, block)), -2, in_axis)
 
 
 # --- rotary embedding -------------------------------------------------------------------

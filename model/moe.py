@@ -17,8 +17,9 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
+from . import quant
 from .gmm import choose_impl, grouped_matmul
-from .layers import HOOKS, HashTable, Linear, RoutingBias, constrain, dtype_of, normal
+from .layers import HOOKS, HashTable, Linear, RoutingBias, constrain, dtype_of, fp8_weight, normal
 
 F32 = jnp.float32
 
@@ -68,10 +69,26 @@ class MoE(nnx.Module):
         self.w1 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w3 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w2 = normal(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pd)
-        fs = f * cfg.n_shared_experts
-        self.shared_w1 = Linear((d, fs), ("embed", "mlp"), cfg, rngs)
-        self.shared_w3 = Linear((d, fs), ("embed", "mlp"), cfg, rngs)
-        self.shared_w2 = Linear((fs, d), ("mlp", "embed"), cfg, rngs)
+        fs, fp8 = f * cfg.n_shared_experts, cfg.quant_matmul
+        self.shared_w1 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, quant=fp8)
+        self.shared_w3 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, quant=fp8)
+        self.shared_w2 = Linear((fs, d), ("mlp", "embed"), cfg, rngs, quant=fp8)
+
+    def expert_weights(self):
+        """(w1, w3, w2) as the routed experts' matmuls see them: fake-quantised per
+        quant_experts (fp4: 1 x quant_fp4_block along each matrix's input; fp8: 2-D blocks)."""
+        cfg, ws = self.cfg, (self.w1[...], self.w3[...], self.w2[...])
+        if cfg.quant_experts == "fp4":
+            return tuple(quant.qdq(w, "e2m1", (cfg.quant_fp4_block, 1)) for w in ws)
+        if cfg.quant_experts == "fp8":
+            return tuple(fp8_weight(w, 1, cfg.quant_block) for w in ws)  # [E, in, out]: per expert
+        return ws
+
+    def expert_input(self, x):
+        """Activations entering a routed expert matmul: e4m3 (1 x quant_block) when the experts
+        are quantised (DeepSeek's FP8-activation x FP4-weight GEMMs)."""
+        cfg = self.cfg
+        return x if cfg.quant_experts == "none" else quant.qdq(x, "e4m3", cfg.quant_block)
 
     def route(self, x_ND, ids_N):
         """(expert ids [N, k], gate weights [N, k] fp32, scores [N, E] fp32)."""
@@ -124,22 +141,23 @@ class MoE(nnx.Module):
         token = order // k
         sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
         dt = dtype_of(cfg.dtype)
-        xs = x_ND[token].astype(dt)
+        w1, w3, w2 = (w.astype(dt) for w in self.expert_weights())
+        xs = self.expert_input(x_ND[token]).astype(dt)
         impl = choose_impl(cfg.moe_impl)
-        h = swiglu(grouped_matmul(xs, self.w1[...].astype(dt), sizes, impl, F32),
-                   grouped_matmul(xs, self.w3[...].astype(dt), sizes, impl, F32), cfg.swiglu_limit)
-        h = (h * wts_Nk.reshape(-1)[order][:, None]).astype(dt)
-        out = grouped_matmul(h, self.w2[...].astype(dt), sizes, impl, F32)
+        h = swiglu(grouped_matmul(xs, w1, sizes, impl, F32),
+                   grouped_matmul(xs, w3, sizes, impl, F32), cfg.swiglu_limit)
+        h = self.expert_input(h * wts_Nk.reshape(-1)[order][:, None]).astype(dt)
+        out = grouped_matmul(h, w2, sizes, impl, F32)
         return jnp.zeros((n, x_ND.shape[1]), F32).at[token].add(out)
 
     def _dense(self, x_ND, idx_Nk, wts_Nk):
         """Reference: every expert on every token, combined with a one-hot gate matrix."""
         cfg = self.cfg
         dt = dtype_of(cfg.dtype)
-        x = x_ND.astype(dt)
+        w1, w3, w2 = (w.astype(dt) for w in self.expert_weights())
+        x = self.expert_input(x_ND).astype(dt)
         gates = jnp.einsum("nk,nke->ne", wts_Nk, jax.nn.one_hot(idx_Nk, cfg.n_routed_experts, dtype=F32))
-        h = swiglu(jnp.einsum("nd,edf->nef", x, self.w1[...].astype(dt), preferred_element_type=F32),
-                   jnp.einsum("nd,edf->nef", x, self.w3[...].astype(dt), preferred_element_type=F32),
-                   cfg.swiglu_limit)
-        h = (h * gates[..., None]).astype(dt)
-        return jnp.einsum("nef,efd->nd", h, self.w2[...].astype(dt), preferred_element_type=F32)
+        h = swiglu(jnp.einsum("nd,edf->nef", x, w1, preferred_element_type=F32),
+                   jnp.einsum("nd,edf->nef", x, w3, preferred_element_type=F32), cfg.swiglu_limit)
+        h = self.expert_input(h * gates[..., None]).astype(dt)
+        return jnp.einsum("nef,efd->nd", h, w2, preferred_element_type=F32)

@@ -146,8 +146,8 @@ class MTPBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
-        self.e_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs)
-        self.h_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs)
+        self.e_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs, quant=cfg.quant_matmul)
+        self.h_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs, quant=cfg.quant_matmul)
         self.block = Block(cfg, (0, False), rngs)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
         self.hc_head = HyperHead(cfg, rngs)
@@ -167,7 +167,8 @@ class Model(nnx.Module):
                                   for start, unit, count in plan_segments(kinds, cfg.scan_max_period)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
         self.hc_head = HyperHead(cfg, rngs)
-        self.head = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg, rngs)
+        # DeepSeek computes the logits from float32 weights and inputs whatever the model dtype
+        self.head = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg, rngs, dtype="float32")
         self.mtp = nnx.List([MTPBlock(cfg, rngs) for _ in range(cfg.n_mtp_layers)])
 
     def logits(self, x_BSD):

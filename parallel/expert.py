@@ -94,30 +94,35 @@ class ExpertParallel:
                  rules.spec(("experts", "embed", "expert_mlp")), rules.spec(("experts", "embed", "expert_mlp")),
                  rules.spec(("experts", "expert_mlp", "embed")),
                  rules.spec(("embed", "mlp")), rules.spec(("embed", "mlp")), rules.spec(("mlp", "embed")))
-        body = jax.shard_map(lambda *a: self._body(cfg, *a), mesh=self.mesh, in_specs=specs,
+        body = jax.shard_map(lambda *a: self._body(moe, *a), mesh=self.mesh, in_specs=specs,
                              out_specs=(tok, P()), check_vma=False)
-        return body(x_BSD, idx_BSk, wts_BSk, moe.w1[...], moe.w3[...], moe.w2[...],
-                    moe.shared_w1.w[...], moe.shared_w3.w[...], moe.shared_w2.w[...])
+        # weights as the matmuls see them (fake-quantised per the model's quant_* fields)
+        return body(x_BSD, idx_BSk, wts_BSk, *moe.expert_weights(),
+                    moe.shared_w1.weight(), moe.shared_w3.weight(), moe.shared_w2.weight())
 
     def _gather(self, w, dim):
         for a in self.gather_axes:
             w = jax.lax.all_gather(w, a, axis=dim, tiled=True)
         return w
 
-    def _body(self, cfg, x, idx, wts, w1, w3, w2, sw1, sw3, sw2):
+    def _body(self, moe, x, idx, wts, w1, w3, w2, sw1, sw3, sw2):
+        cfg = moe.cfg
         b, s, d = x.shape
         dt = jnp.dtype(cfg.dtype)
         w1, w3, w2 = self._gather(w1, 1), self._gather(w3, 1), self._gather(w2, 2)
         sw1, sw3, sw2 = self._gather(sw1, 0), self._gather(sw3, 0), self._gather(sw2, 1)
         xf = x.reshape(b * s, d)
         impl = choose_impl(cfg.moe_impl, self.platform)
-        experts = lambda xs, e, valid: self._local_experts(cfg, impl, xs, e, valid, w1, w3, w2, dt)  # noqa: E731
+        experts = lambda xs, e, valid: self._local_experts(moe, impl, xs, e, valid, w1, w3, w2, dt)  # noqa: E731
         send = self._local if self.ep == 1 else self._capacity if self.transport == "capacity" else self._ragged
-        y, dropped = send(xf, idx.reshape(-1), wts.reshape(-1), w1.shape[0], experts)
-        h = swiglu(jnp.einsum("nd,df->nf", xf.astype(dt), sw1.astype(dt), preferred_element_type=F32),
-                   jnp.einsum("nd,df->nf", xf.astype(dt), sw3.astype(dt), preferred_element_type=F32),
+        # rows are quantised independently: quantising before the transport is the same rounding
+        y, dropped = send(moe.expert_input(xf), idx.reshape(-1), wts.reshape(-1), w1.shape[0], experts)
+        xs = moe.shared_w1.quant_input(xf).astype(dt)
+        h = swiglu(jnp.einsum("nd,df->nf", xs, sw1.astype(dt), preferred_element_type=F32),
+                   jnp.einsum("nd,df->nf", xs, sw3.astype(dt), preferred_element_type=F32),
                    cfg.swiglu_limit)
-        y = y + jnp.einsum("nf,fd->nd", h.astype(dt), sw2.astype(dt), preferred_element_type=F32)
+        h = moe.shared_w2.quant_input(h.astype(dt))
+        y = y + jnp.einsum("nf,fd->nd", h, sw2.astype(dt), preferred_element_type=F32)
         for a in self.tp_axes:
             y = jax.lax.psum(y, a)
         for a in self.batch_axes:
@@ -125,7 +130,7 @@ class ExpertParallel:
         return y.reshape(b, s, d), dropped
 
     @staticmethod
-    def _local_experts(cfg, impl, xs, e, valid, w1, w3, w2, dt):
+    def _local_experts(moe, impl, xs, e, valid, w1, w3, w2, dt):
         """Rows xs [R, D] for local experts e [R] (rows with valid=False give 0): sort by
         expert, grouped matmuls, unsort. The gate weight is applied by the caller."""
         n_local = w1.shape[0]
@@ -134,8 +139,9 @@ class ExpertParallel:
         sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
         xo = xs[order].astype(dt)
         h = swiglu(grouped_matmul(xo, w1.astype(dt), sizes, impl, F32),
-                   grouped_matmul(xo, w3.astype(dt), sizes, impl, F32), cfg.swiglu_limit)
-        return h, order, sizes, lambda hw: grouped_matmul(hw.astype(dt), w2.astype(dt), sizes, impl, F32)
+                   grouped_matmul(xo, w3.astype(dt), sizes, impl, F32), moe.cfg.swiglu_limit)
+        down = lambda hw: grouped_matmul(moe.expert_input(hw).astype(dt), w2.astype(dt), sizes, impl, F32)  # noqa: E731
+        return h, order, sizes, down
 
     def _run_local(self, experts, xs, e, w, valid):
         """Gate-weighted expert outputs in the rows' order, in the activations' dtype (what

@@ -144,3 +144,78 @@ def test_hadamard_is_orthonormal():
 def test_bad_input_is_a_clear_error(call, match):
     with pytest.raises(ConfigError, match=match):
         call()
+
+
+# --- where the model quantises ---------------------------------------------------------------
+ALL_ON = dict(quant_matmul="fp8", quant_experts="fp4", quant_kv="fp8", quant_indexer="fp4",
+              quant_block=16, quant_fp4_block=32, quant_kv_block=8, scan_max_period=1)
+FP8_LINEARS = {"wq_a", "wq_b", "wkv", "wo_b", "shared_w1", "shared_w3", "shared_w2", "e_proj", "h_proj"}
+
+
+def _tiny(**kw):
+    from flax import nnx
+
+    from model import config, transformer
+    cfg = config.preset("tiny", **kw)
+    return cfg, transformer.build(cfg, rngs=nnx.Rngs(0))
+
+
+def test_every_listed_site_is_quantised_and_no_other(monkeypatch):
+    """tiny, every switch on, each layer traced once (scan_max_period=1): count the
+    fake-quantisations by (format, block) against the architecture's sites, by hand."""
+    cfg, model = _tiny(**ALL_ON)
+    calls = []
+    real = quant.qdq
+    monkeypatch.setattr(quant, "qdq", lambda x, fmt, block, **kw: calls.append((fmt, block)) or real(x, fmt, block, **kw))
+    ids = jnp.zeros((1, 32), jnp.int32)
+    jax.eval_shape(lambda: model(ids))
+    blocks = cfg.n_layers + cfg.n_mtp_layers                                   # 7
+    csa = sum(cfg.is_csa(r) for r in cfg.compress_ratios)                      # 3 (indexers)
+    compressed = sum(r > 0 for r in cfg.compress_ratios)                       # 5
+    linears = 7 * blocks + csa + 2 * cfg.n_mtp_layers   # q_a q_b kv o_b + 3 shared; index q; e/h proj
+    want = {("e4m3", (16, 16)): linears,                 # their weights
+            ("e4m3", (16,)): linears + 2 * blocks,       # their inputs + both routed expert inputs
+            ("e2m1", (32, 1)): 3 * blocks,               # routed expert weights
+            ("e2m1", (32,)): 2 * csa,                    # index queries and keys
+            ("e4m3", (8,)): blocks + compressed}         # window KV and compressed KV
+    got = {}
+    for fmt, block in calls:
+        key = (fmt, block if isinstance(block, tuple) else (block,))
+        got[key] = got.get(key, 0) + 1
+    assert got == want
+    # and by name: which Linear layers quantise, which stay in float (head in float32)
+    from flax import nnx
+
+    from model.layers import Linear
+    for path, mod in nnx.iter_graph(model):
+        if isinstance(mod, Linear):
+            listed = path[-1] in FP8_LINEARS and path[-2] != "compressor"  # its wkv is float32
+            assert (mod.quant == "fp8") == listed, path
+    assert model.head.dtype == "float32"
+
+
+def test_quantised_linear_is_the_matmul_of_the_rounded_operands():
+    from flax import nnx
+
+    from model import config
+    from model.layers import Linear
+    cfg = config.preset("tiny", quant_matmul="fp8", quant_block=16)
+    lin = Linear((64, 2, 16), ("embed", "heads", "head_dim"), cfg, nnx.Rngs(3), quant="fp8")
+    x = np.asarray(jax.random.normal(jax.random.key(4), (5, 64)) * 3)
+    w = np.asarray(lin.w[...])
+    # per head a [64 in, 16 out] matrix in 16 x 16 tiles (DeepSeek's [heads * 16, 64] layout)
+    wq = oracle_qdq(np.moveaxis(w, 1, 0), "e4m3", (16, 16))                 # [2, 64, 16]
+    want = np.einsum("ni,hio->nho", oracle_qdq(x, "e4m3", 16).astype(np.float64), wq.astype(np.float64))
+    got = np.asarray(lin(jnp.asarray(x), "ni,iho->nho"))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_quant_config_errors_name_the_field():
+    from model import config
+    with pytest.raises(ConfigError, match="quant_block: 128 does not divide dim = 64"):
+        config.preset("tiny", quant_matmul="fp8")
+    with pytest.raises(ConfigError, match="quant_kv_block: 64 does not divide head_dim - rope_head_dim = 16"):
+        config.preset("tiny", quant_kv="fp8")
+    with pytest.raises(ConfigError, match="quant_experts: must be one of"):
+        config.preset("tiny", quant_experts="int8")
+    assert config.preset("v4-flash").quant_experts == "fp4" and config.preset("tiny").quant_matmul == "none"
