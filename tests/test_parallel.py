@@ -114,6 +114,20 @@ def test_capacity_transport_dropless_is_exact(moe_case):
         assert int(stats["dropped"]) == 0
 
 
+def test_expert_parallel_quantises_as_one_device():
+    """fp4 routed experts + fp8 shared expert: the expert-parallel path rounds the same operands."""
+    cfg = preset("tiny", quant_experts="fp4", quant_matmul="fp8", quant_block=16)
+    moe = MoE(cfg, hashed=False, rngs=nnx.Rngs(4))
+    x = jax.random.normal(jax.random.key(2), (BATCH, 16, cfg.dim))
+    ids = jnp.zeros((BATCH, 16), jnp.int32)
+    ref, _ = moe(x, ids)
+    unquantised, _ = MoE(preset("tiny"), hashed=False, rngs=nnx.Rngs(4))(x, ids)
+    assert float(jnp.abs(ref - unquantised).max()) > 1e-4  # the rounding is visible
+    mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2), cfg, global_batch=BATCH)
+    got, _ = run_ep(moe, x, ids, mesh, Rules(), None)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_capacity_transport_counts_and_drops_overflow(moe_case):
     cfg, moe, x, ids = moe_case
     mesh = make_mesh(MeshConfig(data=2, expert=4), cfg, global_batch=BATCH)
