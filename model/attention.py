@@ -56,15 +56,14 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, ratio: int, rngs: nnx.Rngs):
         self.cfg, self.ratio = cfg, ratio
         h, k, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
-        fp8 = cfg.quant_matmul
-        self.wq_a = Linear((cfg.dim, cfg.q_lora_rank), ("embed", "q_lora"), cfg, rngs, quant=fp8)
+        self.wq_a = Linear((cfg.dim, cfg.q_lora_rank), ("embed", "q_lora"), cfg, rngs, fp8=True)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora")
-        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora_in", "heads", "head_dim"), cfg, rngs, quant=fp8)
-        self.wkv = Linear((cfg.dim, k), ("embed", "head_dim"), cfg, rngs, quant=fp8)
+        self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora_in", "heads", "head_dim"), cfg, rngs, fp8=True)
+        self.wkv = Linear((cfg.dim, k), ("embed", "head_dim"), cfg, rngs, fp8=True)
         self.kv_norm = RMSNorm(k, cfg.norm_eps, "head_dim")
         self.wo_a = Linear((g, h // g * k, cfg.o_lora_rank), ("o_groups", "o_group_in", "o_lora"), cfg, rngs)
         self.wo_b = Linear((g, cfg.o_lora_rank, cfg.dim), ("o_groups", "o_lora", "embed"), cfg, rngs,
-                           quant=fp8, in_axis=1)
+                           fp8=True, in_axis=1)
         self.sink = constant((h,), ("heads",), 0.0)
         self.compressor = Compressor(cfg, ratio, k, cfg.is_csa(ratio), rngs) if ratio else None
         self.indexer = Indexer(cfg, ratio, rngs) if ratio and cfg.is_csa(ratio) else None

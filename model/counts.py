@@ -113,3 +113,37 @@ def kv_cache_bytes_per_token(c: ModelConfig, seq_len: int = 1 << 20, fmt: str = 
             out["hca"] += window + (seq_len // r) * entry / seq_len
     out["total"] = out["window"] + out["csa"] + out["hca"]
     return out
+
+
+# --- weight storage by format ---------------------------------------------------------------
+STORAGES = ("bf16", "fp8", "fp8+fp4")
+
+
+def weight_classes(model) -> dict[tuple, str]:
+    """Every parameter's path -> "matmul" (one of DeepSeek's FP8 projections, `Linear.fp8_site`),
+    "expert" (a routed expert matrix) or "other" (stays bf16/fp32 in DeepSeek's checkpoints)."""
+    from flax import nnx
+
+    from .layers import Linear
+    from .moe import MoE
+
+    special = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and node.fp8_site:
+            special[tuple(path) + ("w",)] = "matmul"
+        elif isinstance(node, MoE):
+            special.update({tuple(path) + (n,): "expert" for n in ("w1", "w2", "w3")})
+    return {tuple(p): special.get(tuple(p), "other")
+            for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def storage_bytes(c: ModelConfig, elements: dict[tuple, float], classes: dict[tuple, str]) -> dict[str, float]:
+    """Bytes of parameters with `elements[path]` elements each, stored three ways:
+    bf16 (everything 2 bytes); fp8 (projections and routed experts e4m3 plus one UE8M0 byte
+    per quant_block^2 tile, the rest bf16); fp8+fp4 (as fp8, routed experts e2m1 two per byte
+    plus one UE8M0 byte per 1 x quant_fp4_block: DeepSeek's released format)."""
+    tile = 1.0 + 1.0 / c.quant_block ** 2
+    per_element = {"bf16": {"matmul": 2.0, "expert": 2.0, "other": 2.0},
+                   "fp8": {"matmul": tile, "expert": tile, "other": 2.0},
+                   "fp8+fp4": {"matmul": tile, "expert": 0.5 + 1.0 / c.quant_fp4_block, "other": 2.0}}
+    return {s: sum(n * per_element[s][classes[p]] for p, n in elements.items()) for s in STORAGES}

@@ -30,7 +30,7 @@ class Indexer(nnx.Module):
         h, k = cfg.index_n_heads, cfg.index_head_dim
         self.compressor = Compressor(cfg, ratio, k, overlap=True, rngs=rngs)
         self.wq_b = Linear((cfg.q_lora_rank, h, k), ("q_lora_in", "index_heads", "index_head_dim"), cfg, rngs,
-                           quant=cfg.quant_matmul)
+                           fp8=True)
         self.weights_proj = Linear((cfg.dim, h), ("embed", "index_heads"), cfg, rngs)
         self.weight_scale = (k ** -0.5) * (h ** -0.5)
 

@@ -76,14 +76,17 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """y = x @ w with w stored [in..., out...]; computes in `dtype` (float32 for fp32 paths).
 
-    quant="fp8" fake-quantises the input (1 x cfg.quant_block blocks along its last axis) and
-    the weight in cfg.quant_block^2 tiles of (its contracted axis `in_axis`, its last axis),
-    any other axis (heads, groups) indexing separate matrices."""
+    fp8=True marks one of DeepSeek's FP8 matmuls: with cfg.quant_matmul = "fp8" the input is
+    fake-quantised (1 x cfg.quant_block blocks along its last axis) and so is the weight, in
+    cfg.quant_block^2 tiles of (its contracted axis `in_axis`, its last axis), any other axis
+    (heads, groups) indexing separate matrices."""
 
     def __init__(self, shape, axes, cfg: ModelConfig, rngs: nnx.Rngs, dtype: str | None = None,
-                 quant: str = "none", in_axis: int = 0):
+                 fp8: bool = False, in_axis: int = 0):
         self.dtype = dtype or cfg.dtype
-        self.quant, self.block, self.in_axis = quant, cfg.quant_block, in_axis
+        self.fp8_site = fp8
+        self.quant = cfg.quant_matmul if fp8 else "none"
+        self.block, self.in_axis = cfg.quant_block, in_axis
         self.w = normal(rngs, tuple(shape), axes, cfg.init_std, cfg.param_dtype)
 
     def weight(self):

@@ -69,10 +69,10 @@ class MoE(nnx.Module):
         self.w1 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w3 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w2 = normal(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pd)
-        fs, fp8 = f * cfg.n_shared_experts, cfg.quant_matmul
-        self.shared_w1 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, quant=fp8)
-        self.shared_w3 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, quant=fp8)
-        self.shared_w2 = Linear((fs, d), ("mlp", "embed"), cfg, rngs, quant=fp8)
+        fs = f * cfg.n_shared_experts
+        self.shared_w1 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, fp8=True)
+        self.shared_w3 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, fp8=True)
+        self.shared_w2 = Linear((fs, d), ("mlp", "embed"), cfg, rngs, fp8=True)
 
     def expert_weights(self):
         """(w1, w3, w2) as the routed experts' matmuls see them: fake-quantised per

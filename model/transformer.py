@@ -146,8 +146,8 @@ class MTPBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
-        self.e_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs, quant=cfg.quant_matmul)
-        self.h_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs, quant=cfg.quant_matmul)
+        self.e_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs, fp8=True)
+        self.h_proj = Linear((cfg.dim, cfg.dim), ("embed", "embed_out"), cfg, rngs, fp8=True)
         self.block = Block(cfg, (0, False), rngs)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
         self.hc_head = HyperHead(cfg, rngs)

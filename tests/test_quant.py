@@ -200,7 +200,7 @@ def test_quantised_linear_is_the_matmul_of_the_rounded_operands():
     from model import config
     from model.layers import Linear
     cfg = config.preset("tiny", quant_matmul="fp8", quant_block=16)
-    lin = Linear((64, 2, 16), ("embed", "heads", "head_dim"), cfg, nnx.Rngs(3), quant="fp8")
+    lin = Linear((64, 2, 16), ("embed", "heads", "head_dim"), cfg, nnx.Rngs(3), fp8=True)
     x = np.asarray(jax.random.normal(jax.random.key(4), (5, 64)) * 3)
     w = np.asarray(lin.w[...])
     # per head a [64 in, 16 out] matrix in 16 x 16 tiles (DeepSeek's [heads * 16, 64] layout)
@@ -219,3 +219,29 @@ def test_quant_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="quant_experts: must be one of"):
         config.preset("tiny", quant_experts="int8")
     assert config.preset("v4-flash").quant_experts == "fp4" and config.preset("tiny").quant_matmul == "none"
+
+
+def test_storage_bytes_by_format_from_hand_counts():
+    import math
+
+    from flax import nnx
+
+    from model import abstract, param_counts, preset
+    from model.counts import storage_bytes, weight_classes
+    cfg = preset("tiny")
+    model = abstract(cfg)
+    classes = weight_classes(model)
+    elements = {p: math.prod(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    c, blocks = cfg, cfg.n_layers + cfg.n_mtp_layers
+    csa = sum(c.is_csa(r) for r in c.compress_ratios)
+    experts = blocks * c.n_routed_experts * 3 * c.dim * c.moe_inter_dim
+    matmul = (blocks * (c.dim * c.q_lora_rank + c.q_lora_rank * c.n_heads * c.head_dim + c.dim * c.head_dim
+                        + c.o_groups * c.o_lora_rank * c.dim + 3 * c.dim * c.moe_inter_dim * c.n_shared_experts)
+              + csa * c.q_lora_rank * c.index_n_heads * c.index_head_dim + c.n_mtp_layers * 2 * c.dim * c.dim)
+    total = param_counts(cfg)["total"]
+    other = total - experts - matmul
+    got = storage_bytes(cfg, elements, classes)
+    tile = 1 + 1 / 128 ** 2
+    assert got["bf16"] == pytest.approx(2 * total)
+    assert got["fp8"] == pytest.approx(2 * other + tile * (matmul + experts))
+    assert got["fp8+fp4"] == pytest.approx(2 * other + tile * matmul + (0.5 + 1 / 32) * experts)

@@ -143,6 +143,7 @@ class StateLayout:
         from flax import nnx
         from jax.sharding import PartitionSpec as P
 
+        from model.counts import weight_classes
         from model.transformer import abstract
         from train.optim import make_optimizer, nest
         from train.step import match_params
@@ -159,6 +160,7 @@ class StateLayout:
         spec["opt"] = match_params(self.opt, self.params, spec["params"], P())
         self.specs = spec
         self.param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+        self.weight_classes = weight_classes(model)
 
     def abstract(self, mesh) -> dict:
         """The state as ShapeDtypeStructs sharded on `mesh` (step counters replicated)."""
@@ -174,6 +176,15 @@ class StateLayout:
         return {"step": scalar, "params": place(self.params, self.specs["params"]),
                 "rest": place(self.rest, self.specs["rest"]), "opt": place(self.opt, self.specs["opt"]),
                 "bad": scalar, "skipped": scalar}
+
+    def param_elements(self, mesh=None) -> dict[tuple, int]:
+        """Elements of every parameter: whole, or on the device holding the most of `mesh`."""
+        import jax
+
+        tree = self.params if mesh is None else self.abstract(mesh)["params"]
+        shape = (lambda x: x.shape) if mesh is None else (lambda x: x.sharding.shard_shape(x.shape))
+        return {tuple(k.key for k in path): math.prod(shape(x))
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     def bytes_per_device(self, mesh) -> dict[str, int]:
         """Bytes of params / rest / opt on the device holding the most (ceil-divided shards)."""
@@ -475,6 +486,7 @@ def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: boo
         if mem.total > budget:
             other = suggest(run_cfg, layout, act, topo.devices, chip.hbm)[0]
     fits = report_memory(run_cfg, mem, chip, out)
+    report_storage(run_cfg, layout, sizes, out)
     if not fits and other:
         out(f"  a mesh that fits: {_mesh_text(other)} (--mesh auto)")
     if sizes["tensor"] > 1:
@@ -508,6 +520,18 @@ def report_memory(run_cfg, mem: Memory, chip: Chip, out) -> bool:
         for line in why_not(run_cfg, mem, chip.hbm):
             out(f"  {line}")
     return fits
+
+
+def report_storage(run_cfg, layout, sizes, out) -> None:
+    """The weights' bytes as DeepSeek stores them (serving, checkpoints), whole and per device."""
+    from model.counts import STORAGES, storage_bytes
+    from parallel.mesh import abstract_mesh
+
+    cfg, classes = run_cfg.model, layout.weight_classes
+    whole = storage_bytes(cfg, layout.param_elements(), classes)
+    local = storage_bytes(cfg, layout.param_elements(abstract_mesh(sizes)), classes)
+    out("weights stored as  " + " | ".join(f"{s} {whole[s] / GiB:,.1f} GiB ({local[s] / GiB:.2f} per device)"
+                                           for s in STORAGES))
 
 
 def model_flops_per_device(run_cfg, layout, devices: int) -> tuple[float, float]:
