@@ -78,38 +78,21 @@ class Attention(nnx.Module):
         q = rms_normalize(q, cfg.norm_eps).astype(x_BSD.dtype)
         q = apply_rope(q, angles_SR)
         kv = self.kv_quant(apply_rope(self.kv_norm(self.wkv(x_BSD)), angles_SR))
-        scale = cfg.head_dim ** -0.5
-
-        # sliding window, chunked: each chunk of W queries sees its own and the previous chunk
-        s, w = x_BSD.shape[1], cfg.window_size
+        s = x_BSD.shape[1]
         if seg_BS is None:
             seg_BS = jnp.zeros(x_BSD.shape[:2], jnp.int32)
-        keys, wmask = window_keys(kv, seg_BS, w)
-        qc = _chunk(q, w)
-        logits_w = jnp.einsum("bcqhk,bcjk->bcqhj", qc, keys, preferred_element_type=F32) * scale
-        logits_w = jnp.where(wmask[:, :, :, None, :], logits_w, -jnp.inf)
-        logits_w = logits_w.reshape(x_BSD.shape[0], -1, *logits_w.shape[3:])[:, :s]  # [B,S,H,2W]
-
-        comp, kl = None, (jnp.zeros((), F32), jnp.zeros((), jnp.int32))
+        # what every query reads (the sequence's keys) and what is per query (chunkable)
+        keys, wmask = window_keys(kv, seg_BS, cfg.window_size)
+        shared = {"sink": self.sink[...]}
+        per_q = {"q": q, "pos": positions_S, "seg": seg_BS}
         if self.compressor is not None and s >= self.ratio:
-            comp = self._compressed(x_BSD, qr, q, positions_S, angles_SR, seg_BS, scale, dense_csa)
-            logits = jnp.concatenate([logits_w, comp["logits"]], axis=-1)
-        else:
-            logits = logits_w
-        sink = self.sink[...].astype(F32)[None, None, :, None]
-        m = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, -1, keepdims=True), sink))
-        e = jnp.exp(logits - m)
-        probs = e / (jnp.sum(e, -1, keepdims=True) + jnp.exp(sink - m))
-        nw = logits_w.shape[-1]
-        pw = _chunk(probs[..., :nw], w).astype(kv.dtype)
-        o = jnp.einsum("bcqhj,bcjk->bcqhk", pw, keys, preferred_element_type=F32)
-        o = o.reshape(x_BSD.shape[0], -1, *o.shape[3:])[:, :s]
-        if comp is not None:
-            pc = probs[..., nw:]
-            o = o + comp["combine"](pc.astype(kv.dtype))
+            ckv, shared["block_seg"] = self.compressor(x_BSD, angles_SR, seg_BS)   # [B, T, K], [B, T]
+            shared["ckv"] = self.kv_quant(ckv.astype(q.dtype))
             if self.indexer is not None:
-                kl = indexer_kl(comp["index_scores"], pc, comp["mask"])
-        o = apply_rope(o.astype(x_BSD.dtype), angles_SR, inverse=True)
+                shared["index_keys"] = self.indexer.keys(x_BSD, angles_SR, seg_BS)[0]
+                per_q["index_q"], per_q["index_w"] = self.indexer.queries(x_BSD, qr, angles_SR)
+        o, kl = self._attend_in_chunks(per_q, {"keys": keys, "mask": wmask}, shared, dense_csa)
+        o = apply_rope(o, angles_SR, inverse=True)
         og = o.reshape(*o.shape[:2], cfg.o_groups, -1)
         y = self.wo_a(og, "bsgi,gio->bsgo")
         return constrain(self.wo_b(y, "bsgo,god->bsd"), ("batch", "act_seq", "act_embed")), kl
@@ -123,22 +106,75 @@ class Attention(nnx.Module):
         nope = quant.qdq(kv[..., :-r], "e4m3", cfg.quant_kv_block)
         return jnp.concatenate([nope, kv[..., -r:]], axis=-1)
 
-    def _compressed(self, x, qr, q, positions_S, angles_SR, seg_BS, scale, dense_csa):
+    def _attend_in_chunks(self, per_q, window, shared, dense_csa):
+        """`_attend` over chunks of cfg.attn_query_chunk queries, one at a time (lax.map), each
+        rematerialised in the backward pass: the [S, H, candidates] logits and the gathered
+        top-k entries exist for one chunk at a time. Whole sequence when the chunk is 0, not
+        smaller than S, or does not divide S."""
+        n, s = self.cfg.attn_query_chunk, per_q["q"].shape[1]
+        if not n or n >= s or s % n:
+            return self._attend(per_q, window, shared, dense_csa)
+        chunks, per_window = s // n, n // self.cfg.window_size
+
+        def split(a, axis, size):  # [..., chunks * size, ...] -> [chunks, ..., size, ...]
+            return jnp.moveaxis(a.reshape(*a.shape[:axis], chunks, size, *a.shape[axis + 1:]), axis, 0)
+
+        xs = ({k: split(v, 0 if k == "pos" else 1, n) for k, v in per_q.items()},
+              {k: split(v, 1, per_window) for k, v in window.items()})
+        body = jax.checkpoint(lambda a: self._attend(a[0], a[1], shared, dense_csa))
+        o, (kl, count) = jax.lax.map(body, xs)
+        o = jnp.moveaxis(o, 0, 1)
+        return o.reshape(o.shape[0], s, *o.shape[3:]), (jnp.sum(kl), jnp.sum(count))
+
+    def _attend(self, per_q, window, shared, dense_csa):
+        """Attention output [B, S', H, K] (q's dtype) of the queries in `per_q` (S' of them, a
+        whole number of window chunks unless S' = S) and their indexer KL terms."""
+        cfg = self.cfg
+        q, w = per_q["q"], cfg.window_size
+        b, s = q.shape[:2]
+        scale = cfg.head_dim ** -0.5
+        # sliding window, chunked: each chunk of W queries sees its own and the previous chunk
+        keys, wmask = window["keys"], window["mask"]
+        logits_w = jnp.einsum("bcqhk,bcjk->bcqhj", _chunk(q, w), keys, preferred_element_type=F32) * scale
+        logits_w = jnp.where(wmask[:, :, :, None, :], logits_w, -jnp.inf)
+        logits_w = logits_w.reshape(b, -1, *logits_w.shape[3:])[:, :s]  # [B, S, H, 2W]
+
+        comp, kl = None, (jnp.zeros((), F32), jnp.zeros((), jnp.int32))
+        if "ckv" in shared:
+            comp = self._compressed(per_q, shared, scale, dense_csa)
+            logits = jnp.concatenate([logits_w, comp["logits"]], axis=-1)
+        else:
+            logits = logits_w
+        sink = shared["sink"].astype(F32)[None, None, :, None]
+        m = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, -1, keepdims=True), sink))
+        e = jnp.exp(logits - m)
+        probs = e / (jnp.sum(e, -1, keepdims=True) + jnp.exp(sink - m))
+        nw = logits_w.shape[-1]
+        pw = _chunk(probs[..., :nw], w).astype(keys.dtype)
+        o = jnp.einsum("bcqhj,bcjk->bcqhk", pw, keys, preferred_element_type=F32)
+        o = o.reshape(b, -1, *o.shape[3:])[:, :s]
+        if comp is not None:
+            pc = probs[..., nw:]
+            o = o + comp["combine"](pc.astype(keys.dtype))
+            if self.indexer is not None:
+                kl = indexer_kl(comp["index_scores"], pc, comp["mask"])
+        return o.astype(q.dtype), kl
+
+    def _compressed(self, per_q, shared, scale, dense_csa):
         """Logits [B, S, H, J] of the compressed candidates, a combine function for their
         probabilities, and on CSA layers the index scores / mask the KL loss compares."""
-        ckv, block_seg = self.compressor(x, angles_SR, seg_BS)              # [B, T, K], [B, T]
-        ckv = self.kv_quant(ckv.astype(q.dtype))
-        vis = visible(positions_S, seg_BS, block_seg, self.ratio)            # [B, S, T]
+        q, ckv = per_q["q"], shared["ckv"]
+        vis = visible(per_q["pos"], per_q["seg"], shared["block_seg"], self.ratio)   # [B, S, T]
         out = {}
+        if self.indexer is not None:
+            scores = self.indexer.score(per_q["index_q"], per_q["index_w"], shared["index_keys"], vis)
         if self.indexer is None or dense_csa:
             logits = jnp.einsum("bshk,btk->bsht", q, ckv, preferred_element_type=F32) * scale
             out["logits"] = jnp.where(vis[:, :, None, :], logits, -jnp.inf)
             out["combine"] = lambda p: jnp.einsum("bshj,bjk->bshk", p, ckv, preferred_element_type=F32)
             if self.indexer is not None:
-                out["index_scores"] = self.indexer.scores(x, qr, angles_SR, positions_S, seg_BS)
-                out["mask"] = vis
+                out["index_scores"], out["mask"] = scores, vis
             return out
-        scores = self.indexer.scores(x, qr, angles_SR, positions_S, seg_BS)   # [B, S, T]
         idx = self.indexer.select(scores)                                     # [B, S, k]
         valid = idx >= 0
         safe = jnp.maximum(idx, 0)

@@ -36,6 +36,9 @@ class ModelConfig:
     o_groups: int = 8
     o_lora_rank: int = 1024
     window_size: int = 128
+    # queries attended at a time (0 = all): bounds the per-query logits and gathered top-k
+    # entries to one chunk, recomputed per chunk in the backward; a multiple of window_size
+    attn_query_chunk: int = 0
     # per-layer compression ratio: 0 = sliding window only, csa_ratio = CSA, anything else = HCA
     compress_ratios: tuple[int, ...] = (0, 0) + (4, 128) * 20 + (4,)
     # the ratio whose layers use overlapping blocks and the lightning indexer (CSA)
@@ -175,6 +178,8 @@ def _validate(c: ModelConfig) -> None:
     _check(c.route_scale > 0, "route_scale", "must be > 0")
     _check(c.scan_max_period >= 1, "scan_max_period", "must be >= 1")
     _check(c.remat in REMATS, "remat", f"must be one of {REMATS}, got {c.remat!r}")
+    _check(c.attn_query_chunk >= 0 and c.attn_query_chunk % c.window_size == 0, "attn_query_chunk",
+           f"must be 0 or a multiple of window_size={c.window_size}, got {c.attn_query_chunk}")
     for name, choices in QUANT_CHOICES.items():
         _check(getattr(c, name) in choices, name, f"must be one of {choices}, got {getattr(c, name)!r}")
     for block, axes in _quant_axes(c).items():

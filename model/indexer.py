@@ -34,18 +34,34 @@ class Indexer(nnx.Module):
         self.weights_proj = Linear((cfg.dim, h), ("embed", "index_heads"), cfg, rngs)
         self.weight_scale = (k ** -0.5) * (h ** -0.5)
 
-    def scores(self, x_BSD, qr_BSQ, angles_SR, positions_S, seg_BS):
-        """Index scores [B, S, T] in float32, -inf where the block is not visible."""
+    def keys(self, x_BSD, angles_SR, seg_BS):
+        """(index keys [B, T, K] of the complete blocks, document id of each block [B, T])."""
+        keys_BTK, block_seg = self.compressor(jax.lax.stop_gradient(x_BSD), angles_SR, seg_BS)
+        if self.fp4_block:
+            keys_BTK = quant.qdq(quant.hadamard(keys_BTK), "e2m1", self.fp4_block)
+        return keys_BTK, block_seg
+
+    def queries(self, x_BSD, qr_BSQ, angles_SR):
+        """(index queries [B, S, H, K], per-head weights [B, S, H] float32) of every token."""
         x, qr = jax.lax.stop_gradient(x_BSD), jax.lax.stop_gradient(qr_BSQ)
-        keys_BTK, block_seg = self.compressor(x, angles_SR, seg_BS)
         q_BSHK = apply_rope(self.wq_b(qr, "bsq,qhk->bshk"), angles_SR)
         if self.fp4_block:
             q_BSHK = quant.qdq(quant.hadamard(q_BSHK), "e2m1", self.fp4_block)
-            keys_BTK = quant.qdq(quant.hadamard(keys_BTK), "e2m1", self.fp4_block)
-        w_BSH = self.weights_proj(x).astype(jnp.float32) * self.weight_scale
+        return q_BSHK, self.weights_proj(x).astype(jnp.float32) * self.weight_scale
+
+    @staticmethod
+    def score(q_BSHK, w_BSH, keys_BTK, visible_BST):
+        """Index scores [B, S, T] in float32, -inf where the block is not visible."""
         logits = jnp.einsum("bshk,btk->bsht", q_BSHK.astype(jnp.float32), keys_BTK)
         scores = jnp.einsum("bsht,bsh->bst", jax.nn.relu(logits), w_BSH)
-        return jnp.where(visible(positions_S, seg_BS, block_seg, self.ratio), scores, -jnp.inf)
+        return jnp.where(visible_BST, scores, -jnp.inf)
+
+    def scores(self, x_BSD, qr_BSQ, angles_SR, positions_S, seg_BS):
+        """Index scores [B, S, T] of every query against every block (float32, -inf where not
+        visible): `score` of `queries` against `keys`."""
+        keys, block_seg = self.keys(x_BSD, angles_SR, seg_BS)
+        q, w = self.queries(x_BSD, qr_BSQ, angles_SR)
+        return self.score(q, w, keys, visible(positions_S, seg_BS, block_seg, self.ratio))
 
     def select(self, scores_BST):
         """Top-k block indices [B, S, k'] with k' = min(topk, T); -1 marks invisible picks

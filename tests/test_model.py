@@ -216,3 +216,26 @@ def test_packed_documents_do_not_see_each_other(tiny):
     # without the document boundary the same change does reach the second document
     one = jnp.ones_like(seg)
     assert not np.allclose(fwd(m, other_first, one)[:, 21:], fwd(m, ids, one)[:, 21:], atol=1e-3)
+
+
+@pytest.mark.parametrize("dense_csa", [False, True], ids=["topk", "dense"])
+def test_query_chunks_equal_whole_sequence(dense_csa):
+    """attn_query_chunk: queries attended 32 at a time (lax.map + remat) give the whole-sequence
+    logits, indexer KL and gradients, with two packed documents."""
+    cfg = preset("tiny")
+    ids = jax.random.randint(jax.random.key(0), (2, 64), 0, cfg.vocab_size)
+    seg = jnp.concatenate([jnp.zeros((2, 40), jnp.int32), jnp.ones((2, 24), jnp.int32)], 1)
+
+    def run(c):
+        def loss(m):
+            logits, aux = m(ids, segment_ids=seg, dense_csa=dense_csa)
+            return jnp.mean(logits ** 2) + jnp.sum(aux.indexer_kl), (logits, aux.indexer_kl)
+        (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(build(c, rngs=nnx.Rngs(0)))
+        return out, jax.tree.leaves(nnx.to_pure_dict(grads))
+
+    (logits, kl), grads = run(cfg)
+    (logits_c, kl_c), grads_c = run(cfg.replace(attn_query_chunk=32))
+    np.testing.assert_allclose(logits_c, logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kl_c, kl, rtol=1e-5, atol=1e-6)
+    for g, gc in zip(grads, grads_c):
+        np.testing.assert_allclose(gc, g, rtol=1e-4, atol=1e-6)
