@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import ModelConfig
 from . import quant
+from .config import ModelConfig
 from .gmm import choose_impl, grouped_matmul
 from .layers import HOOKS, HashTable, Linear, RoutingBias, constrain, dtype_of, fp8_weight, normal
 
