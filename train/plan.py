@@ -378,10 +378,11 @@ def why_not(run_cfg, mem: Memory, hbm: float) -> list[str]:
 
 
 # --- ahead-of-time compile for a TPU slice ------------------------------------------------
-def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
-    """(compiled memory analysis, FLOPs per device (train/hlo_flops.py), seconds): the
-    actual jitted train step lowered and compiled for the slice's devices by libtpu on this
-    host. Raises ImportError without libtpu."""
+def compile_step(run_cfg, layout, topo: Topology, mesh_cfg, dump: str | None = None):
+    """(compiled memory analysis, (FLOPs per device, loops of unknown trip count) from
+    train/hlo_flops.py, seconds): the actual jitted train step lowered and compiled for the
+    slice's devices by libtpu on this host; `dump`: a directory for XLA's dump (optimised HLO,
+    buffer assignment, the memory-usage report). Raises ImportError without libtpu."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
@@ -409,8 +410,10 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg):
     t = time.perf_counter()
     with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
         out = jax.tree.map(lambda x: x.sharding, state)
-        compiled = jax.jit(step, donate_argnums=0, out_shardings=(out, None)).lower(state, batch).compile()
-    return compiled.memory_analysis(), hlo_flops(compiled.as_text())[0], time.perf_counter() - t
+        lowered = jax.jit(step, donate_argnums=0, out_shardings=(out, None)).lower(state, batch)
+        options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True} if dump else None
+        compiled = lowered.compile(compiler_options=options)
+    return compiled.memory_analysis(), hlo_flops(compiled.as_text()), time.perf_counter() - t
 
 
 def libtpu_available() -> bool:
@@ -441,7 +444,7 @@ def _parse_mesh(text: str):
 
 
 def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: bool | None = None,
-         out=print) -> int:
+         out=print, dump: str | None = None) -> int:
     """Print the plan; returns 0 when the run fits, 1 when it does not (or cannot run)."""
     from model.config import ConfigError
     from model.counts import param_counts
@@ -503,7 +506,7 @@ def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: boo
     if compile_ and not topo.shape:
         out("compile: ahead-of-time compilation needs a TPU topology (libtpu); skipped for GPUs")
     elif compile_:
-        fits = report_compile(run_cfg, layout, topo, sizes, mem, out) and fits
+        fits = report_compile(run_cfg, layout, topo, sizes, mem, out, dump) and fits
     return 0 if fits else 1
 
 
@@ -541,7 +544,7 @@ def model_flops_per_device(run_cfg, layout, devices: int) -> tuple[float, float]
     return train, optimizer_flops(run_cfg, layout) / devices
 
 
-def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out) -> bool:
+def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out, dump: str | None = None) -> bool:
     """Compile for the slice and print the compiler's memory and FLOPs next to the estimate;
     True when it fits in HBM with 10% to spare (or when libtpu is missing: nothing to say)."""
     from parallel.mesh import AXES, MeshConfig
@@ -549,7 +552,8 @@ def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out) -> 
     out(f"compiling the train step for {topo.tpu_name} ({topo.devices} devices) with libtpu ...")
     t = time.perf_counter()
     try:
-        ma, flops, secs = compile_step(run_cfg, layout, topo, MeshConfig(**{a: sizes[a] for a in AXES}))
+        ma, (flops, unknown), secs = compile_step(run_cfg, layout, topo, MeshConfig(**{a: sizes[a] for a in AXES}),
+                                                  dump)
     except ImportError as e:
         out(f"compile: skipped ({e})")
         return True
@@ -574,7 +578,10 @@ def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out) -> 
     train, optim = model_flops_per_device(run_cfg, layout, topo.devices)
     out(f"FLOPs per device: compiled {flops:.3g} (its matmuls, loops x trip counts) vs model {train + optim:.3g} "
         f"(forward + backward x {REMAT_FLOPS[run_cfg.model.remat]:.3g} remat {train:.3g} + Muon "
-        f"Newton-Schulz {optim:.3g}): ratio {flops / (train + optim):.2f}")
+        f"Newton-Schulz {optim:.3g}): ratio {flops / (train + optim):.2f}"
+        + (f"; {unknown} loop(s) of unknown trip count counted once" if unknown else ""))
+    if dump:
+        out(f"XLA dump (optimised HLO, buffer assignment, *memory-usage-report.txt) in {dump}")
     return fits
 
 
@@ -593,6 +600,8 @@ def parse_args(argv):
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the step time")
     ap.add_argument("--compile", dest="compile_", action=argparse.BooleanOptionalAction, default=None,
                     help="ahead-of-time compile for a TPU topology (default: when libtpu is installed)")
+    ap.add_argument("--dump", metavar="DIR", help="with the compile: write XLA's dump there (optimised HLO, "
+                                                  "buffer assignment, memory-usage report: where the bytes go)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.global_batch=1024")
     return ap.parse_args(argv)
 
@@ -623,7 +632,7 @@ def main(argv=None) -> int:
     except (ConfigError, PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return plan(run_cfg, topo, mesh_cfg, args.mfu, args.compile_)
+    return plan(run_cfg, topo, mesh_cfg, args.mfu, args.compile_, dump=args.dump)
 
 
 if __name__ == "__main__":
