@@ -1,0 +1,1 @@
+"""Inference: KV-cache formats and decoding (see README)."""
