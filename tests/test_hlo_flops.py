@@ -41,3 +41,17 @@ def test_tpu_program_convolutions_counted(monkeypatch):
     compiled = jax.jit(program).lower(*args).compile()
     flops, unknown = hlo_flops(compiled.as_text())
     assert flops == WANT and unknown == 0
+
+
+def test_loops_with_wide_tuples_are_parsed():
+    """A loop carrying 6+ values: XLA writes its tuple shape with /*index=5*/ comments."""
+    def wide(x, ws):
+        def body(c, w):
+            return (jnp.tanh(c[0] @ w),) + tuple(v * (i + 2.0) + c[0][0, :3] for i, v in enumerate(c[1:])), None
+        carry = (x,) + tuple(jnp.full((3,), float(i)) for i in range(5))
+        return jax.lax.scan(body, carry, ws)[0]
+
+    compiled = jax.jit(wide).lower(*ARGS[:2]).compile()
+    assert "/*index=5*/" in compiled.as_text()
+    flops, unknown = hlo_flops(compiled.as_text())
+    assert flops == LAYERS * 2 * B * D * D and unknown == 0

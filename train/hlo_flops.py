@@ -18,6 +18,7 @@ import numpy as np
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|[\w\[\],{}:()]+?) ([\w\-]+)\((.*)$")
 _SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 _LIST_CALLS = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
 
@@ -41,7 +42,7 @@ def _parse(text: str):
         if line.strip() == "}":
             current = None
             continue
-        m = _INSTR.match(line)
+        m = _INSTR.match(_COMMENT.sub("", line))  # tuple shapes carry /*index=5*/ comments
         if m:
             comps[current].append(m.groups())
     return comps, entry
