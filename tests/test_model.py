@@ -218,24 +218,31 @@ def test_packed_documents_do_not_see_each_other(tiny):
     assert not np.allclose(fwd(m, other_first, one)[:, 21:], fwd(m, ids, one)[:, 21:], atol=1e-3)
 
 
-@pytest.mark.parametrize("dense_csa", [False, True], ids=["topk", "dense"])
-def test_query_chunks_equal_whole_sequence(dense_csa):
-    """attn_query_chunk: queries attended 32 at a time (lax.map + remat) give the whole-sequence
-    logits, indexer KL and gradients, with two packed documents."""
+@pytest.mark.parametrize("ratio,dense_csa", [(4, False), (4, True), (16, False)], ids=["csa-topk", "csa-dense", "hca"])
+def test_query_chunks_equal_whole_sequence(ratio, dense_csa):
+    """attn_query_chunk: one attention layer attending its queries 32 at a time (lax.map +
+    remat) gives the whole-sequence output, indexer KL and gradients (parameters and input),
+    with two packed documents."""
+    from model.attention import Attention
+    from model.layers import rope_angles
+
     cfg = preset("tiny")
-    ids = jax.random.randint(jax.random.key(0), (2, 64), 0, cfg.vocab_size)
+    x = jax.random.normal(jax.random.key(0), (2, 64, cfg.dim))
     seg = jnp.concatenate([jnp.zeros((2, 40), jnp.int32), jnp.ones((2, 24), jnp.int32)], 1)
+    pos = jnp.arange(64)
+    angles = rope_angles(cfg, pos, True)
 
     def run(c):
-        def loss(m):
-            logits, aux = m(ids, segment_ids=seg, dense_csa=dense_csa)
-            return jnp.mean(logits ** 2) + jnp.sum(aux.indexer_kl), (logits, aux.indexer_kl)
-        (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(build(c, rngs=nnx.Rngs(0)))
-        return out, jax.tree.leaves(nnx.to_pure_dict(grads))
+        def loss(m, x):
+            y, (kl, _) = m(x, pos, angles, seg, dense_csa=dense_csa)
+            return jnp.mean(y ** 2) + kl, (y, kl)
+        (_, out), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(Attention(c, ratio, nnx.Rngs(1)), x)
+        return out, jax.tree.leaves(nnx.to_pure_dict(grads[0])) + [grads[1]]
 
-    (logits, kl), grads = run(cfg)
-    (logits_c, kl_c), grads_c = run(cfg.replace(attn_query_chunk=32))
-    np.testing.assert_allclose(logits_c, logits, rtol=1e-5, atol=1e-6)
+    (y, kl), grads = run(cfg)
+    (y_c, kl_c), grads_c = run(cfg.replace(attn_query_chunk=32))
+    np.testing.assert_allclose(y_c, y, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(kl_c, kl, rtol=1e-5, atol=1e-6)
+    assert ratio != 4 or float(kl) > 0  # the indexer's KL term is live on CSA
     for g, gc in zip(grads, grads_c):
         np.testing.assert_allclose(gc, g, rtol=1e-4, atol=1e-6)
