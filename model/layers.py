@@ -6,7 +6,11 @@ them to mesh axes); `eager_sharding=False` keeps the model free of any mesh.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +20,41 @@ from . import quant
 from .config import ModelConfig
 
 
+@dataclasses.dataclass(frozen=True)
 class Hooks:
     """Where parallel/ plugs into the model without the model knowing any mesh:
     `constrain(x, names)` pins an activation's sharding by logical names, and `experts(moe, x,
-    idx, wts)` replaces the single-device expert computation (expert parallelism)."""
-    constrain = None
-    experts = None
+    idx, wts)` replaces the single-device expert computation (expert parallelism).
+
+    The hooks in force live in a context variable, set only by `using_hooks` (a context manager:
+    parallel.sharded / parallel.activation_sharding): what a trace sees is scoped to the `with`
+    block and to the thread (or asyncio task) that entered it, and restored on exit."""
+    constrain: Callable | None = None
+    experts: Callable | None = None
 
 
-HOOKS = Hooks()
+_HOOKS: contextvars.ContextVar[Hooks] = contextvars.ContextVar("deepflax_model_hooks", default=Hooks())
+
+
+def hooks() -> Hooks:
+    """The hooks in force for the current trace."""
+    return _HOOKS.get()
+
+
+@contextlib.contextmanager
+def using_hooks(**changes):
+    """Inside: the current hooks with `changes` (constrain=..., experts=...) replaced."""
+    token = _HOOKS.set(dataclasses.replace(_HOOKS.get(), **changes))
+    try:
+        yield
+    finally:
+        _HOOKS.reset(token)
 
 
 def constrain(x, names):
     """Constrain activation `x` to the sharding of its logical axis `names` (no-op off-mesh)."""
-    return x if HOOKS.constrain is None else HOOKS.constrain(x, tuple(names))
+    fn = _HOOKS.get().constrain
+    return x if fn is None else fn(x, tuple(names))
 
 
 class RoutingBias(nnx.Variable):

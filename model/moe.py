@@ -19,7 +19,7 @@ from flax import nnx
 from . import quant
 from .config import ModelConfig
 from .gmm import choose_impl, grouped_matmul
-from .layers import HOOKS, HashTable, Linear, RoutingBias, constrain, dtype_of, fp8_weight, normal
+from .layers import HashTable, Linear, RoutingBias, constrain, dtype_of, fp8_weight, hooks, normal
 
 F32 = jnp.float32
 
@@ -112,8 +112,9 @@ class MoE(nnx.Module):
         x = x_BSD.reshape(b * s, d)
         idx, wts, scores = self.route(x, ids_BS.reshape(-1))
         stats = self._stats(idx, scores, b, s)
-        if HOOKS.experts is not None:
-            y, stats["dropped"] = HOOKS.experts(self, x_BSD, idx.reshape(b, s, -1), wts.reshape(b, s, -1))
+        experts = hooks().experts
+        if experts is not None:
+            y, stats["dropped"] = experts(self, x_BSD, idx.reshape(b, s, -1), wts.reshape(b, s, -1))
             return constrain(y.astype(x_BSD.dtype), ("batch", "act_seq", "act_embed")), stats
         experts = self._dense if cfg.moe_impl == "dense" else self._grouped
         y = experts(x, idx, wts) + self.shared(x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from model import layers as _layers
+from model.layers import using_hooks
 
 from .expert import ExpertParallel, choose_transport
 from .mesh import AXES, BATCH_AXES, MeshConfig, abstract_mesh, describe, make_mesh, validate
@@ -15,13 +15,9 @@ from .rules import RULES, Rules, activation_sharding, create_sharded, per_device
 def sharded(mesh, rules: Rules, transport: str = "auto", capacity_factor: float | None = None):
     """Trace the model inside this context to run it on `mesh`: activations are constrained by
     the rules and MoE layers use expert parallelism over the mesh."""
-    prev = _layers.HOOKS.experts
-    _layers.HOOKS.experts = ExpertParallel(mesh, rules, transport, capacity_factor)
-    try:
+    with using_hooks(experts=ExpertParallel(mesh, rules, transport, capacity_factor)):
         with activation_sharding(mesh, rules):
             yield
-    finally:
-        _layers.HOOKS.experts = prev
 
 
 __all__ = ["AXES", "BATCH_AXES", "MeshConfig", "abstract_mesh", "describe", "make_mesh", "validate",

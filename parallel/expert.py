@@ -72,7 +72,7 @@ def capacity(pairs: int, ep: int, capacity_factor: float | None) -> int:
 
 
 class ExpertParallel:
-    """The `model.layers.HOOKS.experts` implementation for a mesh and a rules table."""
+    """The `experts` hook of model.layers.Hooks for a mesh and a rules table."""
 
     def __init__(self, mesh, rules: Rules, transport: str = "auto", capacity_factor: float | None = None):
         self.mesh, self.rules = mesh, rules

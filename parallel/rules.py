@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import layers as model_layers
-from model.config import ConfigError, ModelConfig
+from model.config import ConfigError, ModelConfig, check_keys
 from model.transformer import Model
 
 from .mesh import AXES, BATCH_AXES
@@ -72,12 +72,7 @@ class Rules:
     def __init__(self, overrides: Mapping[str, object] | None = None):
         table = dict(RULES)
         for name, axes in (overrides or {}).items():
-            if name not in RULES:
-                import difflib
-
-                close = difflib.get_close_matches(name, sorted(RULES), n=1)
-                raise ConfigError(f"rules.{name}: not a logical axis name" +
-                                  (f"; did you mean {close[0]!r}?" if close else ""))
+            check_keys([name], RULES, "rules.", "not a logical axis name")
             axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
             for a in (axes if isinstance(axes, tuple) else (axes,)):
                 if a is not None and a not in AXES:
@@ -160,9 +155,5 @@ def activation_sharding(mesh, rules: Rules):
     def constrain(x, names):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(names)))
 
-    prev = model_layers.HOOKS.constrain
-    model_layers.HOOKS.constrain = constrain
-    try:
+    with model_layers.using_hooks(constrain=constrain):
         yield
-    finally:
-        model_layers.HOOKS.constrain = prev

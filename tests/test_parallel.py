@@ -301,3 +301,26 @@ def test_ragged_transport_capacity_cuts_and_counts(moe_case, monkeypatch):
     want = moe._dense(x.reshape(-1, cfg.dim), jnp.asarray(idx).reshape(-1, cfg.n_activated_experts), kept_w)
     want = want + moe.shared(x.reshape(-1, cfg.dim))
     np.testing.assert_allclose(got.reshape(-1, cfg.dim), want, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_are_scoped_to_the_context_and_the_thread():
+    """`sharded` installs the constrain and experts hooks for its `with` block only, in the
+    thread that entered it; a trace elsewhere sees the single-device model."""
+    import threading
+
+    from model.layers import hooks
+
+    mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2), preset("tiny"), global_batch=BATCH)
+    seen = {}
+    with sharded(mesh, Rules()):
+        inside = hooks()
+        t = threading.Thread(target=lambda: seen.setdefault("other", hooks()))
+        t.start()
+        t.join()
+        with sharded(mesh, Rules(), transport="capacity", capacity_factor=2.0):
+            nested = hooks().experts
+        assert hooks() == inside  # the nested block restored the outer hooks
+    assert isinstance(inside.experts, ExpertParallel) and inside.constrain is not None
+    assert nested is not inside.experts
+    assert seen["other"].experts is None and seen["other"].constrain is None
+    assert hooks().experts is None and hooks().constrain is None
