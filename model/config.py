@@ -7,6 +7,7 @@ Analytic counts (parameters, FLOPs, KV-cache bytes) live in model/counts.py.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -18,8 +19,33 @@ QUANT_CHOICES = {"quant_matmul": ("none", "fp8"), "quant_experts": ("none", "fp8
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# Fields that say how a run computes, not what the network is: a checkpoint made with other
+# values loads unchanged (train.init_from, model.load_pretrained's overrides).
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_max_period", "moe_impl", "attn_query_chunk",
+              "quant_matmul", "quant_experts", "quant_kv", "quant_indexer", "quant_block",
+              "quant_fp4_block", "quant_kv_block", "init_std", "hash_seed")
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and the fix."""
+
+
+def check(cond: bool, name: str, msg: str) -> None:
+    """ConfigError("name: msg") unless `cond`: every config check reads `check(ok, field, why)`."""
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def check_keys(keys, valid, prefix: str = "", what: str = "unknown key") -> None:
+    """The first key not in `valid` raises one line naming it and the closest valid key (a typo
+    is the usual cause), or listing the valid keys when none is close."""
+    for key in keys:
+        if key in valid:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(map(str, valid)), n=1)
+        hint = (f"did you mean {prefix + close[0]!r}?" if close
+                else f"valid keys: {', '.join(sorted(map(str, valid)))}")
+        raise ConfigError(f"{prefix}{key}: {what}; {hint}")
 
 
 @dataclass(frozen=True)
@@ -132,20 +158,8 @@ class ModelConfig:
             if name not in PRESETS:
                 raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
             base = PRESETS[name].to_dict()
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in names:
-                import difflib
-
-                close = difflib.get_close_matches(key, sorted(names), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{key}: not a ModelConfig field{hint}")
+        check_keys(d, {f.name for f in dataclasses.fields(cls)}, what="not a ModelConfig field")
         return cls(**{**base, **d})
-
-
-def _check(cond: bool, fld: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{fld}: {msg}")
 
 
 def _validate(c: ModelConfig) -> None:
@@ -153,39 +167,39 @@ def _validate(c: ModelConfig) -> None:
                  "o_lora_rank", "window_size", "n_routed_experts", "n_activated_experts",
                  "moe_inter_dim", "hc_mult", "hc_sinkhorn_iters", "csa_ratio", "index_n_heads",
                  "index_head_dim", "index_topk"):
-        _check(isinstance(getattr(c, name), int) and getattr(c, name) > 0, name,
-               f"must be a positive integer, got {getattr(c, name)!r}")
+        check(isinstance(getattr(c, name), int) and getattr(c, name) > 0, name,
+              f"must be a positive integer, got {getattr(c, name)!r}")
     for name in ("n_hash_layers", "n_mtp_layers", "n_shared_experts"):
-        _check(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
-    _check(len(c.compress_ratios) == c.n_layers, "compress_ratios",
-           f"has {len(c.compress_ratios)} entries but n_layers is {c.n_layers}; give one ratio per layer")
-    _check(all(r >= 0 for r in c.compress_ratios), "compress_ratios", "ratios must be >= 0")
-    _check(c.n_heads % c.o_groups == 0, "o_groups",
-           f"n_heads={c.n_heads} is not divisible by o_groups={c.o_groups}")
-    _check(0 < c.rope_head_dim <= c.head_dim and c.rope_head_dim % 2 == 0, "rope_head_dim",
-           f"must be even and in (0, head_dim={c.head_dim}], got {c.rope_head_dim}")
-    _check(0 < c.rope_head_dim <= c.index_head_dim, "rope_head_dim",
-           f"must not exceed index_head_dim={c.index_head_dim}")
-    _check(c.n_activated_experts <= c.n_routed_experts, "n_activated_experts",
-           f"top-k {c.n_activated_experts} is larger than n_routed_experts={c.n_routed_experts}")
-    _check(c.n_hash_layers <= c.n_layers, "n_hash_layers",
-           f"{c.n_hash_layers} hash-routed layers but only n_layers={c.n_layers}")
-    _check(c.score_func in SCORE_FUNCS, "score_func", f"must be one of {SCORE_FUNCS}, got {c.score_func!r}")
-    _check(c.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}, got {c.moe_impl!r}")
-    _check(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {c.dtype!r}")
-    _check(c.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {c.param_dtype!r}")
-    _check(c.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")
-    _check(c.route_scale > 0, "route_scale", "must be > 0")
-    _check(c.scan_max_period >= 1, "scan_max_period", "must be >= 1")
-    _check(c.remat in REMATS, "remat", f"must be one of {REMATS}, got {c.remat!r}")
-    _check(c.attn_query_chunk >= 0 and c.attn_query_chunk % c.window_size == 0, "attn_query_chunk",
-           f"must be 0 or a multiple of window_size={c.window_size}, got {c.attn_query_chunk}")
+        check(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
+    check(len(c.compress_ratios) == c.n_layers, "compress_ratios",
+          f"has {len(c.compress_ratios)} entries but n_layers is {c.n_layers}; give one ratio per layer")
+    check(all(r >= 0 for r in c.compress_ratios), "compress_ratios", "ratios must be >= 0")
+    check(c.n_heads % c.o_groups == 0, "o_groups",
+          f"n_heads={c.n_heads} is not divisible by o_groups={c.o_groups}")
+    check(0 < c.rope_head_dim <= c.head_dim and c.rope_head_dim % 2 == 0, "rope_head_dim",
+          f"must be even and in (0, head_dim={c.head_dim}], got {c.rope_head_dim}")
+    check(0 < c.rope_head_dim <= c.index_head_dim, "rope_head_dim",
+          f"must not exceed index_head_dim={c.index_head_dim}")
+    check(c.n_activated_experts <= c.n_routed_experts, "n_activated_experts",
+          f"top-k {c.n_activated_experts} is larger than n_routed_experts={c.n_routed_experts}")
+    check(c.n_hash_layers <= c.n_layers, "n_hash_layers",
+          f"{c.n_hash_layers} hash-routed layers but only n_layers={c.n_layers}")
+    check(c.score_func in SCORE_FUNCS, "score_func", f"must be one of {SCORE_FUNCS}, got {c.score_func!r}")
+    check(c.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}, got {c.moe_impl!r}")
+    check(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {c.dtype!r}")
+    check(c.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {c.param_dtype!r}")
+    check(c.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")
+    check(c.route_scale > 0, "route_scale", "must be > 0")
+    check(c.scan_max_period >= 1, "scan_max_period", "must be >= 1")
+    check(c.remat in REMATS, "remat", f"must be one of {REMATS}, got {c.remat!r}")
+    check(c.attn_query_chunk >= 0 and c.attn_query_chunk % c.window_size == 0, "attn_query_chunk",
+          f"must be 0 or a multiple of window_size={c.window_size}, got {c.attn_query_chunk}")
     for name, choices in QUANT_CHOICES.items():
-        _check(getattr(c, name) in choices, name, f"must be one of {choices}, got {getattr(c, name)!r}")
+        check(getattr(c, name) in choices, name, f"must be one of {choices}, got {getattr(c, name)!r}")
     for block, axes in _quant_axes(c).items():
         for axis, size in axes:
-            _check(size % getattr(c, block) == 0, block,
-                   f"{getattr(c, block)} does not divide {axis} = {size}; pick a block that divides it")
+            check(size % getattr(c, block) == 0, block,
+                  f"{getattr(c, block)} does not divide {axis} = {size}; pick a block that divides it")
 
 
 def _quant_axes(c: ModelConfig) -> dict[str, list[tuple[str, int]]]:
@@ -203,13 +217,13 @@ def _quant_axes(c: ModelConfig) -> dict[str, list[tuple[str, int]]]:
         axes["quant_fp4_block"] += [("dim", c.dim), ("moe_inter_dim", c.moe_inter_dim)]
     if c.quant_indexer == "fp4":
         axes["quant_fp4_block"] += [("index_head_dim", c.index_head_dim)]
-        _check(c.index_head_dim & (c.index_head_dim - 1) == 0, "index_head_dim",
-               f"{c.index_head_dim} must be a power of two for the indexer's Hadamard rotation (quant_indexer)")
+        check(c.index_head_dim & (c.index_head_dim - 1) == 0, "index_head_dim",
+              f"{c.index_head_dim} must be a power of two for the indexer's Hadamard rotation (quant_indexer)")
     if c.quant_kv == "fp8":
         axes["quant_kv_block"] += [("head_dim - rope_head_dim", c.head_dim - c.rope_head_dim)]
     for name in axes:
-        _check(isinstance(getattr(c, name), int) and getattr(c, name) > 0, name,
-               f"must be a positive integer, got {getattr(c, name)!r}")
+        check(isinstance(getattr(c, name), int) and getattr(c, name) > 0, name,
+              f"must be a positive integer, got {getattr(c, name)!r}")
     return axes
 
 

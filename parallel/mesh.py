@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import AxisType, Mesh
 
-from model.config import ConfigError, ModelConfig
+from model.config import ConfigError, ModelConfig, check_keys
 
 AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -44,13 +44,7 @@ class MeshConfig:
 
     @classmethod
     def from_dict(cls, d) -> "MeshConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in names:
-                import difflib
-
-                close = difflib.get_close_matches(key, sorted(names), n=1)
-                raise ConfigError(f"mesh.{key}: not a mesh field" + (f"; did you mean {close[0]!r}?" if close else ""))
+        check_keys(d, {f.name for f in dataclasses.fields(cls)}, "mesh.", "not a mesh field")
         return cls(**d)
 
     def dcn(self) -> tuple[int, ...]:

@@ -13,7 +13,6 @@ loading that file again gives an equal RunConfig and a run can always be repeate
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 import re
@@ -25,26 +24,20 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
 
-from model.config import PRESETS, ConfigError, ModelConfig
+from model.config import PRESETS, ConfigError, ModelConfig, check, check_keys
+from parallel.expert import TRANSPORTS
+from parallel.mesh import AXES as MESH_AXES, BATCH_AXES, MeshConfig, validate
+from parallel.rules import RULES, Rules
 
-if TYPE_CHECKING:  # the real classes are imported lazily (parallel.mesh pulls in jax/flax)
-    from parallel.mesh import MeshConfig
+if TYPE_CHECKING:  # train.data imports this module
     from train.data import DataConfig
 
 OPTIMIZERS = ("muon", "adamw")
 DECAYS = ("cosine", "linear", "constant")
-TRANSPORTS = ("auto", "capacity", "ragged")
 SECTIONS = ("model", "mesh", "rules", "data", "optim", "loss", "train", "checkpoint", "log")
-BATCH_AXES = ("data", "fsdp", "expert")
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 # --- small checks ----------------------------------------------------------------------------
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
-
-
 def _bounds(obj, section: str, gt0=(), ge0=(), unit=(), frac=()) -> None:
     """Range checks shared by the sections: > 0 (None passes), >= 0, [0, 1), [0, 1]."""
     for names, ok, words in ((gt0, lambda v: v is None or v > 0, "must be > 0"),
@@ -52,11 +45,11 @@ def _bounds(obj, section: str, gt0=(), ge0=(), unit=(), frac=()) -> None:
                              (unit, lambda v: 0 <= v < 1, "must be in [0, 1)"),
                              (frac, lambda v: 0 <= v <= 1, "must be in [0, 1]")):
         for n in names:
-            _check(ok(getattr(obj, n)), f"{section}.{n}", f"{words}, got {getattr(obj, n)}")
+            check(ok(getattr(obj, n)), f"{section}.{n}", f"{words}, got {getattr(obj, n)}")
 
 
 def _one_of(value, choices: tuple, name: str) -> None:
-    _check(value in choices, name, f"must be one of {choices}, got {value!r}")
+    check(value in choices, name, f"must be one of {choices}, got {value!r}")
 
 
 # --- types: YAML values checked and coerced against a field's annotation ---------------------
@@ -188,6 +181,9 @@ class TrainConfig(_Section):
     capacity_factor: float | None = None
     devices: int | None = 8  # emulated CPU devices per process (runs on the CPU); None = the real accelerators
     max_bad_steps: int = 5  # stop (exit 3) after this many consecutive non-finite steps
+    # a DeepSeek-V4 checkpoint directory (safetensors + config.json, model.load_pretrained):
+    # a fresh run starts from its parameters (new optimiser state, step 0); a resume ignores it
+    init_from: str | None = None
 
     def _validate(self):
         _bounds(self, "train", gt0=("steps", "micro_batches", "capacity_factor", "devices",
@@ -222,20 +218,17 @@ class LogConfig(_Section):
     def _validate(self):
         _bounds(self, "log", gt0=("log_every", "peak_flops"))
         p = self.profile_steps
-        _check(p is None or 0 <= p[0] < p[1], "log.profile_steps",
-               f"expected [start, stop] with 0 <= start < stop, got {p and list(p)}")
+        check(p is None or 0 <= p[0] < p[1], "log.profile_steps",
+              f"expected [start, stop] with 0 <= start < stop, got {p and list(p)}")
 
 
 def _section_class(name: str):
-    """The dataclass of a section; mesh and data are imported late (parallel.mesh imports jax)."""
-    if name == "mesh":
-        from parallel.mesh import MeshConfig
-        return MeshConfig
+    """The dataclass of a section (data is imported late: train.data imports this module)."""
     if name == "data":
         from train.data import DataConfig
         return DataConfig
-    return {"model": ModelConfig, "optim": OptimConfig, "loss": LossConfig, "train": TrainConfig,
-            "checkpoint": CheckpointConfig, "log": LogConfig}[name]
+    return {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "loss": LossConfig,
+            "train": TrainConfig, "checkpoint": CheckpointConfig, "log": LogConfig}[name]
 
 
 @dataclass(frozen=True)
@@ -279,21 +272,19 @@ def _plain(x):
 
 # --- checks across sections ------------------------------------------------------------------
 def _check_rules(rules: dict) -> None:
-    from parallel.rules import RULES, Rules
-
-    _check_keys("rules.", rules, RULES)
+    check_keys(rules, RULES, "rules.")
     Rules(rules)  # mesh-axis names; its errors already start with rules.<name>
 
 
 def _check_schedule(c: RunConfig) -> None:
     steps = c.train.steps
-    _check(c.optim.warmup_steps <= steps, "optim.warmup_steps",
-           f"warm-up ({c.optim.warmup_steps}) is longer than the run ({steps} steps)")
-    _check(c.loss.indexer_dense_steps <= steps, "loss.indexer_dense_steps",
-           f"dense warm-up ({c.loss.indexer_dense_steps}) is longer than the run ({steps} steps)")
+    check(c.optim.warmup_steps <= steps, "optim.warmup_steps",
+          f"warm-up ({c.optim.warmup_steps}) is longer than the run ({steps} steps)")
+    check(c.loss.indexer_dense_steps <= steps, "loss.indexer_dense_steps",
+          f"dense warm-up ({c.loss.indexer_dense_steps}) is longer than the run ({steps} steps)")
     gb, mb = c.data.global_batch, c.train.micro_batches
-    _check(gb % mb == 0, "train.micro_batches",
-           f"must divide the per-step batch (data.global_batch = {gb}), got {mb}")
+    check(gb % mb == 0, "train.micro_batches",
+          f"must divide the per-step batch (data.global_batch = {gb}), got {mb}")
 
 
 def _check_mesh(c: RunConfig) -> None:
@@ -301,36 +292,24 @@ def _check_mesh(c: RunConfig) -> None:
     m = c.mesh
     ici = {a: getattr(m, a) for a in MESH_AXES}
     for a, v in ici.items():
-        _check(v == -1 or v >= 1, f"mesh.{a}", f"must be a positive size or -1, got {v}")
-        _check(getattr(m, f"dcn_{a}") >= 1, f"mesh.dcn_{a}", f"must be >= 1, got {getattr(m, f'dcn_{a}')}")
+        check(v == -1 or v >= 1, f"mesh.{a}", f"must be a positive size or -1, got {v}")
+        check(getattr(m, f"dcn_{a}") >= 1, f"mesh.dcn_{a}", f"must be >= 1, got {getattr(m, f'dcn_{a}')}")
     free = [a for a, v in ici.items() if v == -1]
-    _check(len(free) <= 1, "mesh", f"only one axis may be -1, got {free}")
+    check(len(free) <= 1, "mesh", f"only one axis may be -1, got {free}")
     sizes = {a: ici[a] * getattr(m, f"dcn_{a}") for a in MESH_AXES}
     if any(ici[a] == -1 for a in BATCH_AXES):
         return  # the batch split depends on the device count: the mesh builder checks it
     shards = math.prod(sizes[a] for a in BATCH_AXES)
     gb, mb = c.data.global_batch, c.train.micro_batches
-    _check(gb % shards == 0, "data.global_batch", f"{gb} is not divisible by data*fsdp*expert = {shards}")
-    _check((gb // mb) % shards == 0, "train.micro_batches",
-           f"a micro-batch of {gb // mb} sequences (data.global_batch / {mb}) is not divisible "
-           f"by data*fsdp*expert = {shards}")
+    check(gb % shards == 0, "data.global_batch", f"{gb} is not divisible by data*fsdp*expert = {shards}")
+    check((gb // mb) % shards == 0, "train.micro_batches",
+          f"a micro-batch of {gb // mb} sequences (data.global_batch / {mb}) is not divisible "
+          f"by data*fsdp*expert = {shards}")
     if not free:
-        from parallel.mesh import validate
-
         validate(sizes, c.model)  # heads / experts / dim divisibility by the axes
 
 
 # --- loading ---------------------------------------------------------------------------------
-def _check_keys(prefix: str, keys, valid) -> None:
-    """Unknown key -> one line with the closest valid key (typos are the usual cause)."""
-    for key in keys:
-        if key in valid:
-            continue
-        close = difflib.get_close_matches(str(key), sorted(valid), n=1)
-        hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(valid))}"
-        raise ConfigError(f"{prefix}{key}: unknown key; {hint}")
-
-
 def _as_mapping(section: str, value) -> dict:
     if value is None:
         return {}
@@ -356,7 +335,7 @@ def _build_section(name: str, raw):
     hints = dict(_field_types(cls))
     if name == "model":
         hints["preset"] = str
-    _check_keys(f"{name}.", raw, hints)
+    check_keys(raw, hints, f"{name}.")
     kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
     try:
         return ModelConfig.from_dict(kwargs) if name == "model" else cls(**kwargs)
@@ -365,7 +344,7 @@ def _build_section(name: str, raw):
 
 
 def _from_raw(raw: dict) -> RunConfig:
-    _check_keys("", raw, SECTIONS)
+    check_keys(raw, SECTIONS)
     return RunConfig(**{name: _build_section(name, raw[name]) for name in SECTIONS if name in raw})
 
 
@@ -394,7 +373,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         raise ConfigError(f"bad override {item!r}: cannot read {text!r} as a YAML value") from None
-    _check_keys("", parts[:1], SECTIONS)
+    check_keys(parts[:1], SECTIONS)
     if len(parts) > 2:
         raise ConfigError(f"{key.strip()}: unknown key; {parts[0]}.{parts[1]} has no sub-keys")
     return parts, value
