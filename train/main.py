@@ -66,21 +66,44 @@ def main(argv=None) -> int:
         return code
 
 
-def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = ()):
+def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = (), pretrained: bool = False):
     """(train state on `mesh`, its shardings, the un-jitted step function) for a RunConfig:
-    the model initialised into its shards, the optimiser state beside it."""
+    the model initialised into its shards (or, with `pretrained`, read from
+    train.init_from), the optimiser state beside it."""
     from flax import nnx
 
     from parallel import create_sharded
     from train.optim import make_optimizer, schedule
     from train.step import init_state, make_train_step, place_state
 
-    model = create_sharded(cfg.model, mesh, rules, seed=cfg.train.seed)
+    if pretrained:
+        from model.pretrained import load_pretrained, pretrained_config
+
+        path = cfg.train.init_from
+        check_same_architecture(pretrained_config(path), cfg.model, "train.init_from")
+        model = load_pretrained(path, mesh, rules, **cfg.model.to_dict())
+    else:
+        model = create_sharded(cfg.model, mesh, rules, seed=cfg.train.seed)
     tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param), mesh, rules)
     graphdef, state = init_state(model, tx, mesh)
     state, shardings = place_state(state, mesh)
     step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps), nan_steps)
     return state, shardings, step_fn
+
+
+def check_same_architecture(ckpt, run, field: str) -> None:
+    """ConfigError listing every architectural field (not a RUN_FIELDS one) where the
+    checkpoint's config differs from the run's model config."""
+    import dataclasses
+
+    from model.config import RUN_FIELDS, ConfigError
+
+    diff = [f"{f.name} (checkpoint {getattr(ckpt, f.name)!r}, run {getattr(run, f.name)!r})"
+            for f in dataclasses.fields(run)
+            if f.name not in RUN_FIELDS and getattr(ckpt, f.name) != getattr(run, f.name)]
+    if diff:
+        raise ConfigError(f"{field}: the checkpoint's model differs from model.* in {', '.join(diff)}; "
+                          f"set those model fields to the checkpoint's values")
 
 
 def fault_nan_steps() -> tuple[int, ...]:
@@ -184,7 +207,11 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     nan_steps = fault_nan_steps()
     if nan_steps:
         say(f"fault injection: NaN gradients at steps {list(nan_steps)}")
-    state, state_shardings, step_fn = setup(cfg, mesh, rules, nan_steps)
+    fresh = not (ckpt and ckpt.steps())
+    state, state_shardings, step_fn = setup(cfg, mesh, rules, nan_steps,
+                                            pretrained=bool(cfg.train.init_from) and fresh)
+    if cfg.train.init_from and fresh:
+        say(f"parameters from {cfg.train.init_from}")
     batch_sharding = jax.sharding.NamedSharding(mesh, rules.spec(("batch", None)))
     flops = flops_per_token(model_cfg, cfg.data.seq_len)["train"]
     peak = cfg.log.peak_flops * len(jax.devices())
