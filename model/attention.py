@@ -73,11 +73,7 @@ class Attention(nnx.Module):
         both 0 on non-CSA layers.
         `seg_BS`: document id of every token (packed sequences); None = one document."""
         cfg = self.cfg
-        qr = self.q_norm(self.wq_a(x_BSD))
-        q = constrain(self.wq_b(qr, "bsq,qhk->bshk"), ("batch", "act_seq", "act_heads", None))
-        q = rms_normalize(q, cfg.norm_eps).astype(x_BSD.dtype)
-        q = apply_rope(q, angles_SR)
-        kv = self.kv_quant(apply_rope(self.kv_norm(self.wkv(x_BSD)), angles_SR))
+        q, kv, qr = self.project(x_BSD, angles_SR)
         s = x_BSD.shape[1]
         if seg_BS is None:
             seg_BS = jnp.zeros(x_BSD.shape[:2], jnp.int32)
@@ -92,10 +88,53 @@ class Attention(nnx.Module):
                 shared["index_keys"] = self.indexer.keys(x_BSD, angles_SR, seg_BS)[0]
                 per_q["index_q"], per_q["index_w"] = self.indexer.queries(x_BSD, qr, angles_SR)
         o, kl = self._attend_in_chunks(per_q, {"keys": keys, "mask": wmask}, shared, dense_csa)
-        o = apply_rope(o, angles_SR, inverse=True)
-        og = o.reshape(*o.shape[:2], cfg.o_groups, -1)
+        return self.output(o, angles_SR), kl
+
+    # --- the per-token halves, shared with the cached (decoding) path in infer/ -------------
+    def project(self, x_BSD, angles_SR):
+        """(queries [B, S, H, K] normalised and rotated, K=V entries [B, S, K] rotated (and
+        kv_quant-ed), query latent [B, S, Q]) of every token: everything attention computes
+        per token before it looks at other tokens."""
+        cfg = self.cfg
+        qr = self.q_norm(self.wq_a(x_BSD))
+        q = constrain(self.wq_b(qr, "bsq,qhk->bshk"), ("batch", "act_seq", "act_heads", None))
+        q = rms_normalize(q, cfg.norm_eps).astype(x_BSD.dtype)
+        q = apply_rope(q, angles_SR)
+        kv = self.kv_quant(apply_rope(self.kv_norm(self.wkv(x_BSD)), angles_SR))
+        return q, kv, qr
+
+    def output(self, o_BSHK, angles_SR):
+        """Attention output [B, S, D] from the per-head mix of values: inverse rotation of the
+        last R dims, block-diagonal projection per group, dense projection back to D."""
+        o = apply_rope(o_BSHK, angles_SR, inverse=True)
+        og = o.reshape(*o.shape[:2], self.cfg.o_groups, -1)
         y = self.wo_a(og, "bsgi,gio->bsgo")
-        return constrain(self.wo_b(y, "bsgo,god->bsd"), ("batch", "act_seq", "act_embed")), kl
+        return constrain(self.wo_b(y, "bsgo,god->bsd"), ("batch", "act_seq", "act_embed"))
+
+    def attend_cached(self, q_BSHK, sources):
+        """Attention of S queries over explicitly given candidates (the cached path: the
+        caller gathered them from a KV cache). `sources` is a list of (kv, mask): kv [B, J, K]
+        shared by the S queries or [B, S, J, K] per query, mask [B, S, J] True where the query
+        may attend. One float32 softmax over every source's candidates plus the sink, exactly
+        as `_attend`; returns [B, S, H, K] in q's dtype."""
+        scale = self.cfg.head_dim ** -0.5
+        logits = []
+        for kv, mask in sources:
+            spec = "bshk,bjk->bshj" if kv.ndim == 3 else "bshk,bsjk->bshj"
+            lg = jnp.einsum(spec, q_BSHK, kv, preferred_element_type=F32) * scale
+            logits.append(jnp.where(mask[:, :, None, :], lg, -jnp.inf))
+        logits = jnp.concatenate(logits, axis=-1)
+        sink = self.sink[...].astype(F32)[None, None, :, None]
+        m = jnp.maximum(jnp.max(logits, -1, keepdims=True), sink)
+        e = jnp.exp(logits - m)
+        probs = e / (jnp.sum(e, -1, keepdims=True) + jnp.exp(sink - m))
+        o, start = 0.0, 0
+        for kv, _ in sources:
+            p = probs[..., start:start + kv.shape[-2]].astype(kv.dtype)
+            start += kv.shape[-2]
+            spec = "bshj,bjk->bshk" if kv.ndim == 3 else "bshj,bsjk->bshk"
+            o = o + jnp.einsum(spec, p, kv, preferred_element_type=F32)
+        return o.astype(q_BSHK.dtype)
 
     def kv_quant(self, kv):
         """KV entries as DeepSeek stores them: the non-rope dims in e4m3 (quant_kv = fp8)."""

@@ -65,3 +65,19 @@ class Compressor(nnx.Module):
             score = jnp.concatenate([prev_score, score[..., w:]], axis=2)
         pooled = jnp.sum(kv * jax.nn.softmax(score, axis=2), axis=2)         # [B, T, W]
         return apply_rope(self.norm(pooled), angles_SR[::c][:t]), block_seg
+
+    # --- the pieces, shared with the cached (decoding) path in infer/ ---------------------
+    def project(self, x_BSD):
+        """Per-token values and gates [B, S, O] in float32 (O = width, twice that with
+        overlap), as __call__ computes them; the slot's positional bias `ape[slot]` is not
+        yet added to the gates."""
+        x = x_BSD.astype(jnp.float32)
+        return self.wkv(x), self.wgate(x)
+
+    def pool(self, kv_BTCW, score_BTCW, angles_TR):
+        """Entries [B, T, W] of T blocks from their slots' values and scores (gate + ape, -inf
+        for slots that do not count; with overlap, the 2C slots already assembled): the
+        per-channel softmax-weighted sum, RMS-normalised, rotated by `angles_TR` (the angles
+        of each block's first token); the same operations as the end of __call__."""
+        pooled = jnp.sum(kv_BTCW * jax.nn.softmax(score_BTCW, axis=2), axis=2)   # [B, T, W]
+        return apply_rope(self.norm(pooled), angles_TR)

@@ -37,9 +37,14 @@ class Indexer(nnx.Module):
     def keys(self, x_BSD, angles_SR, seg_BS):
         """(index keys [B, T, K] of the complete blocks, document id of each block [B, T])."""
         keys_BTK, block_seg = self.compressor(jax.lax.stop_gradient(x_BSD), angles_SR, seg_BS)
+        return self.quant_keys(keys_BTK), block_seg
+
+    def quant_keys(self, keys_BTK):
+        """Pooled index keys as the scores see them: Hadamard-rotated fp4 with quant_indexer
+        (also applied by the cached path to each entry it pools)."""
         if self.fp4_block:
             keys_BTK = quant.qdq(quant.hadamard(keys_BTK), "e2m1", self.fp4_block)
-        return keys_BTK, block_seg
+        return keys_BTK
 
     def queries(self, x_BSD, qr_BSQ, angles_SR):
         """(index queries [B, S, H, K], per-head weights [B, S, H] float32) of every token."""

@@ -70,14 +70,22 @@ class Block(nnx.Module):
         self.compressed = ratio > 0
 
     def __call__(self, x_BSND, ids_BS, positions_S, angles, seg_BS, dense_csa=False):
+        x_BSND, kl, stats = self.with_attention(
+            x_BSND, ids_BS, lambda attn, y: attn(y, positions_S, angles[int(self.compressed)], seg_BS,
+                                                 dense_csa=dense_csa))
+        stats["kl"], stats["kl_queries"] = kl
+        return x_BSND, stats
+
+    def with_attention(self, x_BSND, ids_BS, attend):
+        """The block with `attend(attn, normalised input [B, S, D]) -> (output [B, S, D], extra)`
+        as its attention call: __call__ passes the whole-sequence attention, the cached path
+        (infer/) one that reads and writes a KV cache. Returns (x, extra, MoE stats)."""
         y, post, comb = self.attn_hc(x_BSND)
-        y, kl = self.attn(self.attn_norm(y), positions_S, angles[int(self.compressed)], seg_BS,
-                          dense_csa=dense_csa)
+        y, extra = attend(self.attn, self.attn_norm(y))
         x_BSND = HyperConnection.merge(y, x_BSND, post, comb)
         y, post, comb = self.ffn_hc(x_BSND)
         y, stats = self.ffn(self.ffn_norm(y), ids_BS)
-        stats["kl"], stats["kl_queries"] = kl
-        return HyperConnection.merge(y, x_BSND, post, comb), stats
+        return HyperConnection.merge(y, x_BSND, post, comb), extra, stats
 
 
 class Segment(nnx.Module):
