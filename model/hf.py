@@ -194,47 +194,65 @@ def _fields_from_hf(hf: Mapping[str, Any]) -> dict:
 
 
 # --- weights ----------------------------------------------------------------------------
-def _t(x):
-    return x.T
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one HF tensor maps onto our parameter(s): calling it turns the HF tensor [out, in]
+    into ours (a tuple of arrays for a fused HF tensor with several targets), `to_hf` turns
+    ours back (one argument per target). Pure reshapes / transposes: exact both ways."""
+    to_ours: Callable
+    to_hf: Callable
+
+    def __call__(self, x):
+        return self.to_ours(x)
+
+
+SAME = Layout(lambda x: x, lambda x: x)
+T = Layout(lambda x: x.T, lambda x: x.T)
+EXPERT_T = Layout(lambda x: x.transpose(0, 2, 1), lambda x: x.transpose(0, 2, 1))  # [E, out, in]
 
 
 def _heads(*tail):
-    return lambda x: x.T.reshape(x.shape[1], *tail)
+    """[H*K, in] <-> [in, H, K]."""
+    return Layout(lambda x: x.T.reshape(x.shape[1], *tail), lambda y: y.reshape(y.shape[0], -1).T)
 
 
 def _layer_rules(cfg: ModelConfig, ratio: int, hashed: bool) -> dict[str, tuple[str, Callable]]:
     """HF name suffix inside a decoder layer -> (attribute path in our Block, transform)."""
     h, k, g, o = cfg.n_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
     f = cfg.moe_inter_dim
-    same = lambda x: x  # noqa: E731
     rules = {
-        "input_layernorm.weight": ("attn_norm.weight", same),
-        "post_attention_layernorm.weight": ("ffn_norm.weight", same),
-        "self_attn.q_a_proj.weight": ("attn.wq_a.w", _t),
-        "self_attn.q_a_norm.weight": ("attn.q_norm.weight", same),
+        "input_layernorm.weight": ("attn_norm.weight", SAME),
+        "post_attention_layernorm.weight": ("ffn_norm.weight", SAME),
+        "self_attn.q_a_proj.weight": ("attn.wq_a.w", T),
+        "self_attn.q_a_norm.weight": ("attn.q_norm.weight", SAME),
         "self_attn.q_b_proj.weight": ("attn.wq_b.w", _heads(h, k)),
-        "self_attn.kv_proj.weight": ("attn.wkv.w", _t),
-        "self_attn.kv_norm.weight": ("attn.kv_norm.weight", same),
-        "self_attn.o_a_proj.weight": ("attn.wo_a.w", lambda x: x.reshape(g, o, -1).transpose(0, 2, 1)),
-        "self_attn.o_b_proj.weight": ("attn.wo_b.w", lambda x: x.T.reshape(g, o, -1)),
-        "self_attn.sinks": ("attn.sink", same),
-        "mlp.gate.weight": ("ffn.gate.w", _t),
-        "mlp.experts.gate_up_proj": ("ffn.w1|ffn.w3", lambda x: (x[:, :f].transpose(0, 2, 1),
-                                                                x[:, f:].transpose(0, 2, 1))),
-        "mlp.experts.down_proj": ("ffn.w2", lambda x: x.transpose(0, 2, 1)),
-        "mlp.shared_experts.gate_proj.weight": ("ffn.shared_w1.w", _t),
-        "mlp.shared_experts.up_proj.weight": ("ffn.shared_w3.w", _t),
-        "mlp.shared_experts.down_proj.weight": ("ffn.shared_w2.w", _t),
+        "self_attn.kv_proj.weight": ("attn.wkv.w", T),
+        "self_attn.kv_norm.weight": ("attn.kv_norm.weight", SAME),
+        # [G*O, in] <-> [G, in, O] and [D, G*O] <-> [G, O, D]
+        "self_attn.o_a_proj.weight": ("attn.wo_a.w", Layout(lambda x: x.reshape(g, o, -1).transpose(0, 2, 1),
+                                                            lambda y: y.transpose(0, 2, 1).reshape(g * o, -1))),
+        "self_attn.o_b_proj.weight": ("attn.wo_b.w", Layout(lambda x: x.T.reshape(g, o, -1),
+                                                            lambda y: y.reshape(g * o, -1).T)),
+        "self_attn.sinks": ("attn.sink", SAME),
+        "mlp.gate.weight": ("ffn.gate.w", T),
+        # [E, 2F, D] (gate rows, then up rows) <-> w1, w3 [E, D, F]
+        "mlp.experts.gate_up_proj": ("ffn.w1|ffn.w3", Layout(
+            lambda x: (x[:, :f].transpose(0, 2, 1), x[:, f:].transpose(0, 2, 1)),
+            lambda w1, w3: np.concatenate([w1.transpose(0, 2, 1), w3.transpose(0, 2, 1)], axis=1))),
+        "mlp.experts.down_proj": ("ffn.w2", EXPERT_T),
+        "mlp.shared_experts.gate_proj.weight": ("ffn.shared_w1.w", T),
+        "mlp.shared_experts.up_proj.weight": ("ffn.shared_w3.w", T),
+        "mlp.shared_experts.down_proj.weight": ("ffn.shared_w2.w", T),
     }
     for hc in ("attn_hc", "ffn_hc"):
-        rules[f"{hc}.fn"] = (f"{hc}.fn", _t)
-        rules[f"{hc}.base"] = (f"{hc}.base", same)
-        rules[f"{hc}.scale"] = (f"{hc}.scale", same)
+        rules[f"{hc}.fn"] = (f"{hc}.fn", T)
+        rules[f"{hc}.base"] = (f"{hc}.base", SAME)
+        rules[f"{hc}.scale"] = (f"{hc}.scale", SAME)
     rules["mlp.gate.tid2eid" if hashed else "mlp.gate.e_score_correction_bias"] = (
-        "ffn.tid2eid" if hashed else "ffn.bias", same)
+        "ffn.tid2eid" if hashed else "ffn.bias", SAME)
     if ratio:
-        comp = {"kv_proj.weight": ("wkv.w", _t), "gate_proj.weight": ("wgate.w", _t),
-                "position_bias": ("ape", same), "kv_norm.weight": ("norm.weight", same)}
+        comp = {"kv_proj.weight": ("wkv.w", T), "gate_proj.weight": ("wgate.w", T),
+                "position_bias": ("ape", SAME), "kv_norm.weight": ("norm.weight", SAME)}
         for name, (path, fn) in comp.items():
             rules[f"self_attn.compressor.{name}"] = (f"attn.compressor.{path}", fn)
         if cfg.is_csa(ratio):
@@ -242,21 +260,21 @@ def _layer_rules(cfg: ModelConfig, ratio: int, hashed: bool) -> dict[str, tuple[
                 rules[f"self_attn.compressor.indexer.{name}"] = (f"attn.indexer.compressor.{path}", fn)
             rules["self_attn.compressor.indexer.q_b_proj.weight"] = (
                 "attn.indexer.wq_b.w", _heads(cfg.index_n_heads, cfg.index_head_dim))
-            rules["self_attn.compressor.indexer.scorer.weights_proj.weight"] = ("attn.indexer.weights_proj.w", _t)
+            rules["self_attn.compressor.indexer.scorer.weights_proj.weight"] = ("attn.indexer.weights_proj.w", T)
     return rules
 
 
 def _hc_head_rules(prefix: str, target: str) -> dict:
-    return {f"{prefix}hc_fn": (f"{target}.fn", _t), f"{prefix}hc_base": (f"{target}.base", lambda x: x),
-            f"{prefix}hc_scale": (f"{target}.scale", lambda x: x)}
+    return {f"{prefix}hc_fn": (f"{target}.fn", T), f"{prefix}hc_base": (f"{target}.base", SAME),
+            f"{prefix}hc_scale": (f"{target}.scale", SAME)}
 
 
 def _targets(model) -> dict[str, tuple[Any, int | None, str, Callable]]:
     """Every expected HF name -> (module, stack index or None, attribute path, transform)."""
     cfg = model.cfg
-    out = {"model.embed_tokens.weight": (model, None, "embed", lambda x: x),
-           "model.norm.weight": (model, None, "norm.weight", lambda x: x),
-           "lm_head.weight": (model, None, "head.w", _t)}
+    out = {"model.embed_tokens.weight": (model, None, "embed", SAME),
+           "model.norm.weight": (model, None, "norm.weight", SAME),
+           "lm_head.weight": (model, None, "head.w", T)}
     for name, (path, fn) in _hc_head_rules("model.hc_head.", "hc_head").items():
         out[name] = (model, None, path, fn)
     for seg in model.segments:
@@ -277,9 +295,9 @@ def _mtp_targets(model) -> dict:
             # a merged target ("ffn.w1|ffn.w3") gets the prefix on each of its paths
             out[p + suffix] = (mtp, None, "|".join("block." + q for q in path.split("|")), fn)
         for name in ("e_proj", "h_proj"):
-            out[f"{p}{name}.weight"] = (mtp, None, f"{name}.w", _t)
+            out[f"{p}{name}.weight"] = (mtp, None, f"{name}.w", T)
         for name in ("enorm", "hnorm", "norm"):
-            out[f"{p}{name}.weight"] = (mtp, None, f"{name}.weight", lambda x: x)
+            out[f"{p}{name}.weight"] = (mtp, None, f"{name}.weight", SAME)
         for name, (path, fn) in _hc_head_rules(p + "hc_head.", "hc_head").items():
             out[name] = (mtp, None, path, fn)
     return out
@@ -289,6 +307,34 @@ def _resolve(module, path: str):
     for part in path.split("."):
         module = getattr(module, part)
     return module
+
+
+def iter_hf_tensors(model, mtp: bool = False):
+    """The inverse of load_hf_weights, one tensor at a time: (HF name, numpy array in HF's
+    layout and the parameter's dtype) for every parameter of `model`; with `mtp`, the MTP
+    blocks too (`mtp.J.` names, which transformers does not load). A scanned stack is copied to
+    the host once and dropped when its segment is done."""
+    targets = _targets(model)
+    if mtp:
+        targets.update(_mtp_targets(model))
+    host: dict[int, np.ndarray] = {}
+    current = None
+    for name, (module, index, path, layout) in targets.items():
+        if module is not current:  # the next block (or the top level): drop the last one's copies
+            host.clear()
+            current = module
+        parts = []
+        for p in path.split("|"):
+            var = _resolve(module, p)
+            if id(var) not in host:
+                host[id(var)] = np.asarray(var.get_value())
+            parts.append(host[id(var)] if index is None else host[id(var)][index])
+        yield name, np.ascontiguousarray(layout.to_hf(*parts))
+
+
+def hf_tensors(model, mtp: bool = False) -> dict[str, np.ndarray]:
+    """`iter_hf_tensors` as a dict."""
+    return dict(iter_hf_tensors(model, mtp))
 
 
 def load_hf_weights(model, tensors: Mapping[str, np.ndarray]) -> None:

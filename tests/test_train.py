@@ -221,3 +221,28 @@ def test_plot_and_event_file_format(two_runs, tmp_path):
     assert plot_main([str(d), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert plot_main([str(tmp_path / "missing")]) == 2
+
+
+def test_export_cli_writes_the_runs_newest_checkpoint(two_runs, tmp_path):
+    """`python -m model.export RUN_DIR OUT --format deepseek`: the trained parameters of the
+    run's last checkpoint (step 8), not the initial ones, read back by load_pretrained."""
+    from model import load_pretrained
+    from model.export import main as export
+    from train.main import restore_run
+
+    d, _ = two_runs[0]
+    out = tmp_path / "out"
+    assert export([str(d), str(out), "--format", "deepseek", "--dtype", "float32"]) == 0
+    got = load_pretrained(out)
+    ref, cfg, step = restore_run(d)
+    assert step == 8
+    fresh = build(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+    g, r, f = (dict(nnx.to_flat_state(nnx.state(m, nnx.Param))) for m in (got, ref, fresh))
+    assert set(g) == set(r)
+    moved = 0
+    for k in g:
+        np.testing.assert_array_equal(np.asarray(g[k].get_value()), np.asarray(r[k].get_value()), err_msg=str(k))
+        moved += not np.array_equal(np.asarray(g[k].get_value()), np.asarray(f[k].get_value()))
+    assert moved > len(g) // 2  # trained, not the initial values
+    assert export([str(d), str(out)]) == 2  # an existing export is not overwritten
+    assert export([str(tmp_path / "nope"), str(tmp_path / "o2")]) == 2

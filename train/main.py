@@ -91,6 +91,44 @@ def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = (), pretrained: bool = 
     return state, shardings, step_fn
 
 
+def restore_run(run_dir, overrides=()):
+    """(model holding the newest good checkpoint's parameters, the run's RunConfig with
+    `overrides`, the checkpoint's step) of a training run directory (its config.yaml and
+    checkpoints). Restored onto one device: Orbax reshards whatever mesh the run used."""
+    from pathlib import Path
+
+    import jax
+    from flax import nnx
+
+    from model import abstract as abstract_model
+    from parallel import MeshConfig, Rules, make_mesh
+    from train.checkpoint import Checkpointer, abstract
+    from train.config import load_run_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml; give the log.run_dir of a training run")
+    cfg = load_run_config(str(run_dir / "config.yaml"), list(overrides) + [
+        "mesh.data=1", "mesh.fsdp=1", "mesh.expert=1", "mesh.tensor=1", "train.init_from=null"])
+    mesh = make_mesh(MeshConfig(data=1), cfg.model, devices=jax.devices()[:1],
+                     global_batch=cfg.data.global_batch)
+    state, _, _ = setup(cfg, mesh, Rules(cfg.rules))  # the restore target: what training saves
+    target = abstract(state)
+    jax.tree.map(lambda x: x.delete(), state)
+    ckpt = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), cfg.checkpoint, log=print)
+    try:
+        found = ckpt.restore_latest(target)
+    finally:
+        ckpt.close()
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}: the run has no checkpoint yet")
+    step, state, _ = found
+    graphdef, params, rest = nnx.split(abstract_model(cfg.model), nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, state["params"])
+    nnx.replace_by_pure_dict(rest, state["rest"])
+    return nnx.merge(graphdef, params, rest), cfg, step
+
+
 def check_same_architecture(ckpt, run, field: str) -> None:
     """ConfigError listing every architectural field (not a RUN_FIELDS one) where the
     checkpoint's config differs from the run's model config."""
