@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# whole test files per worker (their module fixtures are built once), one worker per core, <= 4
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 train: $(STAMP)
 	$(PY) -m train --config configs/tiny.yaml
