@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test train bench venv clean
+.PHONY: test train generate bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 train: $(STAMP)
 	$(PY) -m train --config configs/tiny.yaml
+
+# after `make train`: text from the trained tiny model (its newest checkpoint)
+generate: $(STAMP)
+	$(PY) -m infer --run runs/tiny --prompt "ROMEO:" --prompt "To be, or not" --max-new-tokens 80
 
 bench: $(STAMP)
 	$(PY) bench/mesh_step.py

@@ -1,11 +1,11 @@
 """`python -m infer`: generate text from a prompt with a run configuration's model.
 
-    python -m infer --config configs/tiny.yaml --prompt "To be" [--checkpoint RUN_DIR]
+    python -m infer --config configs/tiny.yaml --prompt "To be" [--run RUN_DIR]
                     [--max-new-tokens 64] [--temperature 0.8 --top-k 40 --top-p 0.95 --seed 0]
                     [--fp8] [model.dtype=float32 ...]
 
-Without --checkpoint the model and tokenizer come from --config and the weights are random (a
-smoke test). With it, RUN_DIR is a training run: its own config.yaml (plus the overrides) gives
+Without --run the model and tokenizer come from --config and the weights are random (a
+smoke test). With --run RUN_DIR (a training run): its own config.yaml (plus the overrides) gives
 the model and tokenizer, and the newest verified checkpoint is restored onto one device
 (train.main.restore_run, as model.export does).
 This entry point is the one place infer/ reads train/: the checkpoint and tokenizer formats
@@ -21,7 +21,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m infer", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/tiny.yaml", help="run configuration YAML")
     ap.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    ap.add_argument("--checkpoint", help="a training run's directory (log.run_dir) to restore")
+    ap.add_argument("--run", "--checkpoint", dest="run",
+                    help="a training run's directory (log.run_dir): its newest good checkpoint")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0)
@@ -46,9 +47,9 @@ def main(argv=None) -> int:
     from .sample import generate
 
     try:
-        if args.checkpoint:  # the run's own config (model, tokenizer), with the overrides
-            model, cfg, step = restore_run(args.checkpoint, args.overrides)
-            where = f"checkpoint step {step} of {args.checkpoint}"
+        if args.run:  # the run's own config (model, tokenizer), with the overrides
+            model, cfg, step = restore_run(args.run, args.overrides)
+            where = f"checkpoint step {step} of {args.run}"
         else:
             cfg = load_run_config(args.config, args.overrides)
             model, where = build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), "random weights"

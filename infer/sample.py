@@ -64,6 +64,9 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
     lengths = np.array([len(p) for p in prompts], np.int32)
     if len(prompts) == 0 or lengths.min() < 1:
         raise ConfigError("prompts: give at least one prompt, each of at least one token")
+    bad = sorted({int(t) for p in prompts for t in p if not 0 <= int(t) < cfg.vocab_size})
+    if bad:
+        raise ConfigError(f"prompts: token ids {bad[:10]} are outside the vocabulary [0, {cfg.vocab_size})")
     b = len(prompts)
     ids = np.zeros((b, lengths.max()), np.int32)
     for i, p in enumerate(prompts):

@@ -149,7 +149,7 @@ def _to_hf(name, fn, ours):
         return x.reshape(-1, x.shape[-1]).T
     if name.endswith("q_b_proj.weight"):      # ours [R, H, K]
         return x.reshape(x.shape[0], -1).T
-    return x.T if fn is hf._t else x
+    return x.T if fn is hf.T else x
 
 
 def export(m):

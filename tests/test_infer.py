@@ -246,3 +246,18 @@ def test_sampling_controls(tiny):
         assert out[b] == greedy[b][:cut]
     with pytest.raises(ConfigError, match="top_p"):
         gen(m, top_p=0.0)
+
+
+def test_memory_report_by_hand(capsys):
+    """python -m infer.memory: V4-Flash's MODEL1 bytes per token at 1M context derived by hand
+    (43 layers keep a 128-entry window; 21 CSA layers one 584 + 132 byte entry per 4 tokens; 20
+    HCA layers one 584-byte entry per 128), V3's MLA cache 61 x 576 bf16 values."""
+    from infer.memory import main as memory
+
+    n = 1 << 20
+    flash = (43 * 128 * 584 + 21 * (n // 4) * (584 + 132) + 20 * (n // 128) * 584) / n
+    assert memory(["--preset", "v4-flash", "--context", str(n)]) == 0
+    out = capsys.readouterr().out
+    assert f"| v4-flash MODEL1 (FP8) | {flash:,.0f} | {flash * n / 2**30:,.2f} | {flash / 70272:.1%} |" in out
+    assert "| DeepSeek-V3 MLA, bf16 | 70,272 |" in out
+    assert memory(["--context", "0"]) == 2

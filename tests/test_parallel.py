@@ -191,13 +191,13 @@ def test_bad_meshes_name_the_field(mesh_cfg, changes, batch, message):
 
 
 def test_bad_rules_name_the_problem():
-    with pytest.raises(ConfigError, match=r"rules.embedd: not a logical axis name; did you mean 'embed'\?"):
+    with pytest.raises(ConfigError, match=r"rules.embedd: not a logical axis name; did you mean 'rules.embed'\?"):
         Rules({"embedd": "fsdp"})
     with pytest.raises(ConfigError, match=r"rules.embed: 'fsd' is not a mesh axis"):
         Rules({"embed": "fsd"})
     with pytest.raises(ConfigError, match=r"mesh axis 'tensor' would shard both 'experts' and 'expert_mlp'"):
         Rules({"experts": "tensor"}).spec(("experts", "embed", "expert_mlp"))
-    with pytest.raises(ConfigError, match=r"mesh.tensr: not a mesh field; did you mean 'tensor'\?"):
+    with pytest.raises(ConfigError, match=r"mesh.tensr: not a mesh field; did you mean 'mesh.tensor'\?"):
         MeshConfig.from_dict({"tensr": 2})
     with pytest.raises(ConfigError, match="rules.experts: expert axes"):
         ExpertParallel(make_mesh(MeshConfig(data=2, expert=4)), Rules({"batch": ["data"]}))
