@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from model import flops_per_token, param_counts  # noqa: E402
+from model.export import hf_config  # noqa: E402
 from model.moe import balanced_hash_table  # noqa: E402
 from parallel import MeshConfig, Rules, make_mesh, sharded  # noqa: E402
 from train.config import load_run_config  # noqa: E402
@@ -39,42 +40,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = ("shape", "small", ["model.dim=256", "model.n_layers=4", "model.compress_ratios=[0,4,16,4]",
                             "model.n_routed_experts=8", "model.n_activated_experts=2"], 2, 256)
 PEAK_FLOPS = 6.0e10  # FLOP/s of the whole 2-core machine: its measured float32 matmul rate
-CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
 
 
 def hf_config_dict(cfg) -> dict:
-    """HF DeepSeek-V4 config.json content for a ModelConfig: the inverse of model.hf.config_from_hf."""
-    hca = sorted({r for r in cfg.compress_ratios if r and not cfg.is_csa(r)})
-    if len(hca) > 1:
-        raise ValueError(f"HF supports one HCA ratio; compress_ratios has {hca}")
-    yarn = cfg.original_seq_len > 0
-    d = {
-        "model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": 1, "head_dim": cfg.head_dim,
-        "qk_rope_head_dim": cfg.rope_head_dim, "q_lora_rank": cfg.q_lora_rank,
-        "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank, "sliding_window": cfg.window_size,
-        "layer_types": ["sliding_attention" if r == 0 else CSA if cfg.is_csa(r) else HCA
-                        for r in cfg.compress_ratios],
-        "compress_rates": {CSA: cfg.csa_ratio, HCA: hca[0] if hca else 128},
-        "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
-        "index_topk": cfg.index_topk, "rope_theta": cfg.rope_theta,
-        "compress_rope_theta": cfg.compress_rope_theta,
-        "max_position_embeddings": int(cfg.original_seq_len * cfg.rope_factor) if yarn else 65536,
-        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
-        "num_experts_per_tok": cfg.n_activated_experts, "moe_intermediate_size": cfg.moe_inter_dim,
-        "num_hash_layers": cfg.n_hash_layers, "scoring_func": cfg.score_func, "norm_topk_prob": True,
-        "routed_scaling_factor": cfg.route_scale, "swiglu_limit": cfg.swiglu_limit,
-        "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters, "hc_eps": cfg.hc_eps,
-        "rms_norm_eps": cfg.norm_eps, "num_nextn_predict_layers": cfg.n_mtp_layers,
-        "initializer_range": cfg.init_std, "tie_word_embeddings": False, "hidden_act": "silu",
-        "bos_token_id": 0, "eos_token_id": 1,
-    }
-    if yarn:  # YaRN on the compressed layers only
-        d["rope_scaling"] = {"type": "yarn", "factor": cfg.rope_factor, "beta_fast": cfg.beta_fast,
-                             "original_max_position_embeddings": cfg.original_seq_len,
-                             "beta_slow": cfg.beta_slow}
-    return d
+    """HF DeepSeek-V4 config.json content for a ModelConfig (model.export's), token ids added."""
+    return {**hf_config(cfg), "num_nextn_predict_layers": cfg.n_mtp_layers, "bos_token_id": 0, "eos_token_id": 1}
 
 
 def timed(step, sync, warmup: int, steps: int) -> float:

@@ -71,6 +71,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
         "index_topk": cfg.index_topk, "rope_theta": cfg.rope_theta,
         "compress_rope_theta": cfg.compress_rope_theta,
+        "max_position_embeddings": int(cfg.original_seq_len * cfg.rope_factor) if cfg.original_seq_len else 65536,
         "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
         "num_experts_per_tok": cfg.n_activated_experts, "moe_intermediate_size": cfg.moe_inter_dim,
         "num_hash_layers": cfg.n_hash_layers, "scoring_func": cfg.score_func,
