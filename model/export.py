@@ -166,16 +166,11 @@ def _write_shards(tensors, out: Path, shard_bytes: int, fmt: str) -> int:
     """Shards model-0000K-of-0000N.safetensors + model.safetensors.index.json; returns N."""
     shards, current, size = [], {}, 0
     for name, x in tensors:
-        if current and size + x.nbytes > shard_bytes:
-            shards.append(current)
+        if current and size + x.nbytes > shard_bytes:  # write a shard as soon as it is full:
+            shards.append(_flush(current, out, len(shards) + 1, fmt))  # host memory ~ one shard
             current, size = {}, 0
         current[name] = x
         size += x.nbytes
-        if size >= shard_bytes:  # write full shards as they fill: bounded host memory
-            shards.append(current)
-            current, size = {}, 0
-        if len(shards) and isinstance(shards[-1], dict):
-            shards[-1] = _flush(shards[-1], out, len(shards), fmt)
     if current:
         shards.append(_flush(current, out, len(shards) + 1, fmt))
     n = len(shards)
