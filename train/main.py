@@ -255,7 +255,7 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     peak = cfg.log.peak_flops * len(jax.devices())
 
     it = ProcessIterator(cfg.data, jax.process_index(), jax.process_count())
-    if ckpt and ckpt.steps():
+    if not fresh:  # resume
         target = abstract(state)
         jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
         start, state, data_state = ckpt.restore_latest(target)
