@@ -6,7 +6,7 @@ The model: v4-flash's architecture narrowed to dim 2048, 12 layers (2 window, th
 alternating), 16 heads of 512, 32 experts (top-6) of 1408 hidden units: 1.25B active of 4.6B
 parameters. bfloat16 compute, float32 parameters, Muon, remat full, the real train step of
 `python -m train` (model.moe_impl auto: ragged_dot on GPU, megablox on TPU). MFU counts
-model.flops_per_token x the remat factor against the chip's dense bf16 peak (train/plan.py's
+model.flops_per_token x the remat factor against the chip's dense bf16 peak (plan/chips.yaml's
 catalogue, by device kind; --peak overrides). --tiny runs a small shape anywhere (how the test
 suite checks this script on CPU).
 """
@@ -32,7 +32,7 @@ CPU_PEAK = 7.0e10  # this project's 2-core CPU: measured bf16 matmul rate (DESIG
 
 
 def peak_flops(device) -> float:
-    from train.plan import CHIPS
+    from plan import CHIPS
 
     kind = device.device_kind.lower()
     for key, chip in PEAKS.items():
@@ -57,9 +57,9 @@ def main(argv=None) -> int:
 
     from model import flops_per_token, param_counts
     from parallel import MeshConfig, Rules, make_mesh, sharded
+    from plan import REMAT_FLOPS
     from train.config import load_run_config
     from train.main import setup
-    from train.plan import REMAT_FLOPS
 
     run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
         *(TINY if args.tiny else MODEL), "model.dtype=bfloat16", "model.remat=full",

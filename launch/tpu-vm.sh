@@ -10,7 +10,7 @@
 #
 # Meant for: configs/v4-flash-pod.yaml (v4-flash, mesh fsdp=-1 x expert=16, bfloat16, full remat)
 # on ACCELERATOR=v5p-512 (256 chips). Check the fit first:
-#   python -m train.plan --config configs/v4-flash-pod.yaml --topology v5p-512
+#   python -m plan --config configs/v4-flash-pod.yaml --topology v5p-512
 # Preemption: the TPU runtime sends SIGTERM; all workers agree on a step, save it and exit 0.
 # Resume by running `train` again (after `create` for a reclaimed spot / queued slice).
 # Where things go: checkpoints in CKPT_DIR (gs://, written by Orbax from every worker);

@@ -213,7 +213,7 @@ def test_another_model_names_the_parameter(fast_state, tmp_path):
 
     from model import build
     from train.optim import make_optimizer
-    from train.step import init_state
+    from train.state import init_state
 
     cfg, state = fast_state
     ck = Checkpointer(str(tmp_path / "ck"), cfg.checkpoint, cfg.to_dict())
@@ -394,8 +394,8 @@ def test_nan_step_leaves_the_state_bit_for_bit(work):
         new, metrics = jax.jit(step_fn)(state, batch)
     assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
     for part in ("params", "rest", "opt"):
-        assert_same(new[part], state[part])
-    assert (int(new["step"]), int(new["bad"]), int(new["skipped"])) == (1, 1, 1)
+        assert_same(getattr(new, part), getattr(state, part))
+    assert (int(new.step), int(new.bad), int(new.skipped)) == (1, 1, 1)
 
 
 # --- another mesh, another device count -----------------------------------------------------

@@ -3,7 +3,10 @@
 Every test builds its own tiny corpus in tmp_path, so the expected tokens are known by hand.
 """
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,13 +14,14 @@ import numpy as np
 import pytest
 
 from model.config import ConfigError
-from train.data import (DataConfig, describe_corpus, load_documents, make_iterator,
-                        write_arrayrecord)
+from train.data import (DataConfig, DataError, ProcessIterator, describe_corpus, load_documents,
+                        make_eval_batches, make_iterator, write_arrayrecord)
 from train.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer
 
 BYTE = ByteTokenizer()
 PAD, EOS = BYTE.pad_id, BYTE.eos_id
 KEYS = ("inputs", "targets", "segment_ids", "loss_mask", "doc_ids")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ def test_jsonl_source_ids_follow_files(tmp_path):
     assert docs == ["first", "second", "third", "fourth ✓"]
     toks, ids = _stream(_all(two))
     _check_each_doc_once(docs, toks, ids, range(4))
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(DataError, match="missing.jsonl"):
         load_documents(cfg.replace(paths=(str(tmp_path / "missing.jsonl"),)))
 
 
@@ -263,6 +267,29 @@ def test_resume_from_state_is_bitwise(tmp_path):
         make_iterator(cfg.replace(seed=7)).set_state(saved)
 
 
+def test_resume_through_json_with_and_without_a_partly_packed_document(tmp_path):
+    """Documents of exactly seq_len bytes (+ EOS = one row) leave nothing partly packed at some
+    batch boundaries: the state that Grain's own JSON round trip restores wrongly
+    (train/data/state.py)."""
+    docs = ["abcdefgh", "ijklmnop", "q" * 20, "rstuvwxy", "z" * 5, "01234567", "89abcdef"]
+    cfg = _cfg(tmp_path, docs, seq_len=8, global_batch=2, num_epochs=None)
+    it = make_iterator(cfg)
+    reference, states = [], []
+    for _ in range(8):
+        states.append(json.loads(json.dumps(it.get_state())))
+        reference.append(next(it))
+    it.close()
+    pending = {n: states[n]["pipeline"]["remainder_slices"]["tokens"] != [-1, -1] for n in range(8)}
+    positions = ([n for n in range(1, 7) if not pending[n]][:2]
+                 + [n for n in range(1, 7) if pending[n]][:1])
+    assert len(positions) == 3  # both cases are exercised
+    for n in positions:
+        resumed = make_iterator(cfg)
+        resumed.set_state(states[n])
+        assert _same(reference[n:n + 2], _take(resumed, 2)), f"resume after {n} batches"
+        resumed.close()
+
+
 def test_workers_give_the_same_batches(tmp_path):
     cfg = _cfg(tmp_path, _random_docs(30), num_epochs=None)
     expected = _take(make_iterator(cfg), 5)
@@ -295,6 +322,12 @@ def test_workers_give_the_same_batches(tmp_path):
     ({"seed": -1}, "data.seed: must be an integer in [0, 2**32)"),
     ({"num_epochs": 0}, "data.num_epochs: must be a positive integer or null"),
     ({"worker_count": -1}, "data.worker_count: must be an integer >= 0"),
+    ({"eval_fraction": 1.0}, "data.eval_fraction: must be a number in [0, 1)"),
+    ({"eval_fraction": -0.1}, "data.eval_fraction: must be a number in [0, 1)"),
+    ({"eval_paths": []}, "data.eval_paths: must be null or a non-empty list of file paths"),
+    ({"eval_batches": 0}, "data.eval_batches: must be a positive integer, got 0"),
+    ({"eval_fraction": 0.1, "eval_paths": ["e.jsonl"]},
+     "data.eval_fraction, data.eval_paths: set one or the other, not both"),
 ])
 def test_config_validation(change, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
@@ -306,8 +339,161 @@ def test_describe_corpus(tmp_path):
     info = describe_corpus(cfg)
     assert (info["documents"], info["tokens"], info["tokens_per_epoch"]) == (2, 8, 8)
     assert (info["rows_per_epoch"], info["batches_per_epoch"]) == (3, 2)
-    corpus = str(Path(__file__).resolve().parents[1] / "data" / "shakespeare.jsonl")
+    corpus = str(ROOT / "data" / "shakespeare.jsonl")
     start = time.perf_counter()
     shipped = describe_corpus(DataConfig(paths=(corpus,)))
     assert time.perf_counter() - start < 2.0
     assert shipped["documents"] == 209 and shipped["tokens"] > 1_000_000
+
+
+# --- data errors: one line naming the file (and line), raised when the corpus is first read ---
+def _write(path, content):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+@pytest.mark.parametrize("files, change, message", [
+    ({}, {"paths": ["x.jsonl"]}, "data.paths: no such file 'x.jsonl'"),
+    ({}, {"paths": ["shards/*.jsonl"]}, "data.paths: no file matches 'shards/*.jsonl'"),
+    ({"d/a.jsonl": '{"text": "a"}\n'}, {"paths": ["d"]},
+     "data.paths: 'd' is a directory; list its files or use a glob such as 'd/*'"),
+    ({"x.jsonl": ""}, {}, "data.paths: no documents in ['x.jsonl']"),
+    ({"x.jsonl": '{"text": "a"}\n{"text": \n'}, {},
+     "x.jsonl:2: not valid JSON (Expecting value at column 10)"),
+    ({"x.jsonl": '{"text": "a"}\n{"body": "b"}\n'}, {}, "x.jsonl:2: no field 'text'"),
+    ({"x.jsonl": '{"text": "a"}\n[1, 2]\n'}, {},
+     "x.jsonl:2: no field 'text' (the line is a JSON list, not an object)"),
+    ({"x.jsonl": '\n{"text": 3}\n'}, {}, "x.jsonl:2: field 'text' is not a string (got int)"),
+    ({"x.jsonl": b'{"text": "a"}\n\xff\n'}, {},
+     "x.jsonl:2: not UTF-8 text (invalid start byte at byte 0)"),
+    ({"x.txt": b"ok \xff"}, {"source": "text", "paths": ["x.txt"]},
+     "x.txt: not UTF-8 text (invalid start byte at byte 3)"),
+    ({"x.arrayrecord": "not an array record"},
+     {"source": "arrayrecord", "paths": ["x.arrayrecord"]},
+     "x.arrayrecord: not a readable ArrayRecord file ("),
+    ({"x.jsonl": '{"text": "a"}\n'}, {"eval_paths": ["y.jsonl"]},
+     "data.eval_paths: no such file 'y.jsonl'"),
+    ({"x.jsonl": '{"text": "a"}\n'}, {"tokenizer": "tok.json"},
+     "data.tokenizer: tokenizer 'tok.json': no such file 'tok.json'"),
+])
+def test_data_errors_are_one_line(tmp_path, monkeypatch, files, change, message):
+    monkeypatch.chdir(tmp_path)
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _write(tmp_path / name, content)
+    cfg = DataConfig(**{"paths": ["x.jsonl"], **change})
+    with pytest.raises(DataError) as e:
+        describe_corpus(cfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert isinstance(e.value, ConfigError)  # the trainer prints it as one line, exit code 2
+
+
+def test_parquet_errors_name_the_file(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow", reason="optional pyarrow not installed: parquet untested")
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(pa.table({"body": ["x"]}), "nocol.parquet")
+    _write(tmp_path / "bad.parquet", "not parquet")
+    for path, message in (("nocol.parquet", "nocol.parquet: no column 'text' (columns: body)"),
+                          ("bad.parquet", "bad.parquet: not a readable Parquet file (")):
+        with pytest.raises(DataError) as e:
+            load_documents(DataConfig(source="parquet", paths=[path]))
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_globs_expand_in_sorted_order(tmp_path):
+    _jsonl(tmp_path / "b.jsonl", ["second"])
+    _jsonl(tmp_path / "a.jsonl", ["first"])
+    cfg = DataConfig(paths=[str(tmp_path / "*.jsonl")])
+    assert load_documents(cfg) == ["first", "second"]
+
+
+def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+         "data.paths=[missing.jsonl]", f"log.run_dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "no such file" in line]
+    assert lines == ["config error: data.paths: no such file 'missing.jsonl'"], proc.stderr
+    assert time.perf_counter() - start < 120  # fails before any compile
+
+
+# --- held-out evaluation data -----------------------------------------------------------------
+def _ids(batches):
+    return {int(i) for b in batches for i in np.unique(b["doc_ids"]) if i >= 0}
+
+
+def test_eval_fraction_holds_documents_out_of_training(tmp_path):
+    docs = _random_docs(40, seed=7)
+    cfg = _cfg(tmp_path, docs, seq_len=12, global_batch=4, eval_fraction=0.25, eval_batches=50)
+    evals = make_eval_batches(cfg)
+    held = _ids(evals)
+    assert len(held) == 10  # floor(0.25 * 40)
+    trained = _ids(_all(cfg))
+    assert not held & trained and held | trained == set(range(40))
+    toks, ids = _stream(evals)  # in id order, each held-out document whole, once
+    _check_each_doc_once(docs, toks, ids, sorted(held))
+    assert list(dict.fromkeys(ids)) == sorted(held)
+    assert _same(evals, make_eval_batches(cfg))  # identical on every call
+    assert _ids(make_eval_batches(cfg.replace(seed=1))) != held  # the seed chooses them
+    info = describe_corpus(cfg)
+    assert (info["documents"], info["eval_documents"]) == (30, 10)
+    assert info["eval_tokens"] == sum(len(docs[d].encode()) + 1 for d in held)
+    # resuming a state saved without held-out documents would train on other documents
+    it = make_iterator(cfg.replace(eval_fraction=0.0))
+    next(it)
+    with pytest.raises(DataError, match=re.escape("eval_fraction: saved 0.0 now 0.25")):
+        make_iterator(cfg).set_state(it.get_state())
+
+
+def test_eval_batches_shapes_and_process_shares(tmp_path):
+    cfg = _cfg(tmp_path, _random_docs(60, seed=2), seq_len=8, global_batch=4, num_epochs=None,
+               eval_fraction=0.5, eval_batches=3)
+    whole = make_eval_batches(cfg)
+    assert len(whole) == 3
+    for p_count in (1, 2, 4):
+        train = next(ProcessIterator(cfg, 0, p_count))
+        shares = [make_eval_batches(cfg, p, p_count) for p in range(p_count)]
+        for step, batch in enumerate(whole):
+            for k in KEYS:
+                parts = [s[step][k] for s in shares]
+                assert all(x.shape == train[k].shape and x.dtype == train[k].dtype for x in parts)
+                np.testing.assert_array_equal(np.concatenate(parts), batch[k])
+    assert make_eval_batches(cfg.replace(eval_fraction=0.0)) == []
+
+
+def test_eval_paths_and_padding(tmp_path):
+    cfg = _cfg(tmp_path, ["abc", "defg"], seq_len=8, global_batch=4,
+               eval_paths=(_jsonl(tmp_path / "eval.jsonl", ["xy"]),))
+    (b,) = make_eval_batches(cfg)  # one document: one batch of one real row and three padding
+    x, y = ord("x"), ord("y")
+    np.testing.assert_array_equal(b["inputs"][0, :3], [x, y, EOS])
+    np.testing.assert_array_equal(b["doc_ids"][0], [0, 0, 0] + [-1] * 5)
+    np.testing.assert_array_equal(b["loss_mask"].sum(axis=1), [2, 0, 0, 0])
+    assert np.all(b["segment_ids"][1:] == 0) and np.all(b["inputs"][1:] == PAD)
+    assert describe_corpus(cfg)["eval_documents"] == 1
+    assert _ids(_all(cfg)) == {0, 1}  # eval_paths leaves the training documents alone
+
+
+def test_empty_held_out_set_is_an_error(tmp_path):
+    cfg = _cfg(tmp_path, _random_docs(20), eval_fraction=0.01)
+    message = ("data.eval_fraction: 0.01 of 20 documents holds out no document; raise it to at "
+               "least 0.05 or set data.eval_paths")
+    for read in (describe_corpus, make_eval_batches, make_iterator):
+        with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+            read(cfg)
+
+
+def test_run_config_reads_the_eval_fields(tmp_path):
+    from train.config import load_run_config
+
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    cfg = load_run_config(tiny, ["data.eval_paths=[a.jsonl, b.jsonl]", "data.eval_batches=2"])
+    assert cfg.data.eval_paths == ("a.jsonl", "b.jsonl") and cfg.data.eval_batches == 2
+    assert load_run_config(tiny, ["data.eval_fraction=0.1"]).data.eval_fraction == 0.1
+    with pytest.raises(ConfigError, match="^data.eval_fraction, data.eval_paths: "):
+        load_run_config(tiny, ["data.eval_fraction=0.1", "data.eval_paths=[a.jsonl]"])

@@ -1,11 +1,10 @@
-"""train/hlo_flops.py: FLOPs of compiled programs against hand-derived counts, loops included
+"""plan/flops.py's hlo_flops: FLOPs of compiled programs against hand-derived counts, loops included
 (XLA's own cost analysis counts a loop body once)."""
 import jax
 import jax.numpy as jnp
 import pytest
 
-from train import plan as P
-from train.hlo_flops import hlo_flops
+from plan import hlo_flops, libtpu_available
 
 LAYERS, B, D, F, H = 5, 8, 128, 256, 4
 # a scan of LAYERS matmuls [B, D] x [D, D], then a batched [H, B, D] x [H, D, F] product
@@ -27,7 +26,8 @@ def test_cpu_program_loops_counted():
     assert flops == WANT and unknown == 0
 
 
-@pytest.mark.skipif(not P.libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')")
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_tpu_program_convolutions_counted(monkeypatch):
     """libtpu writes matmuls as convolutions (batch dims as dilated windows): same count."""
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")

@@ -1,15 +1,15 @@
-"""`python -m train.plan`: topologies, exact per-device state bytes, activation residuals, mesh
-suggestion, and (with libtpu) an ahead-of-time compile for a real TPU slice."""
+"""`python -m plan`: the chip catalogue, topologies, exact per-device state bytes, activation
+residuals, mesh suggestion, and (with libtpu) an ahead-of-time compile for a real TPU slice."""
 import math
 
 import jax
 import pytest
 
+import plan as P
 from model.counts import param_counts
 from parallel import Rules, make_mesh
 from parallel.mesh import MeshConfig, abstract_mesh
 from parallel.rules import per_device_shapes
-from train import plan as P
 from train.config import load_run_config
 
 TINY = "configs/tiny.yaml"
@@ -19,6 +19,24 @@ POD = "configs/v4-flash-pod.yaml"
 ALIGNED = ["model.n_layers=2", "model.compress_ratios=[0,4]", "model.dtype=float32", "model.dim=128",
            "model.head_dim=128", "model.rope_head_dim=64", "model.q_lora_rank=128", "model.o_lora_rank=128",
            "model.index_head_dim=128", "model.moe_inter_dim=128", "data.seq_len=32", "data.global_batch=8"]
+
+
+def test_chip_catalogue(tmp_path):
+    """plan/chips.yaml, loaded: the figures the catalogue had as code (copied here by hand), HBM
+    in bytes and the peak in FLOP/s per JAX device; a malformed entry is refused by name."""
+    GiB, MiB = 2 ** 30, 2 ** 20
+    want = {"v4": ("TPU v4", 32 * GiB, 275e12, 1, 2, 3), "v5e": ("TPU v5e", 16 * GiB, 197e12, 1, 1, 2),
+            "v5p": ("TPU v5p", 95 * GiB, 459e12, 1, 2, 3), "v6e": ("TPU v6e (Trillium)", 32 * GiB, 918e12, 1, 1, 2),
+            "tpu7x": ("TPU7x (Ironwood)", 96 * GiB, 1153.5e12, 2, 2, 3),
+            "h100": ("NVIDIA H100 SXM", 81559 * MiB, 989e12, 1, 1, 0),
+            "h200": ("NVIDIA H200", 143771 * MiB, 989e12, 1, 1, 0)}
+    assert P.load_chips() == P.CHIPS == {k: P.Chip(*v) for k, v in want.items()}
+    assert list(P.CHIPS) == list(want)  # the order error messages list them in
+    bad = tmp_path / "chips.yaml"
+    bad.write_text("x1:\n  kind: X\n  hbm_gib: 1\n  hbm_mib: 1024\n  peak_tflops: 1\n"
+                   "  devices_per_chip: 1\n  units_per_chip: 1\n")
+    with pytest.raises(P.PlanError, match=r"'x1': missing \['torus'\]; give exactly one of hbm_gib / hbm_mib"):
+        P.load_chips(bad)
 
 
 def test_topology_names():
@@ -38,6 +56,7 @@ def test_topology_names():
             P.parse_topology(bad)
 
 
+@pytest.mark.tpu_aot
 @pytest.mark.skipif(not P.libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_topology_matches_libtpu(monkeypatch):
     from jax.experimental import topologies
@@ -87,7 +106,7 @@ def test_state_bytes_equal_the_real_sharded_state():
     want = P.StateLayout(cfg, rules).bytes_per_device(mesh)
     for group in ("params", "rest", "opt"):
         per_device = {}
-        for leaf in jax.tree.leaves(state[group]):
+        for leaf in jax.tree.leaves(getattr(state, group)):
             for shard in leaf.addressable_shards:
                 per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
         assert max(per_device.values()) == want[group], group
@@ -149,6 +168,8 @@ def test_cli(capsys):
     assert "n_routed_experts=256 is not divisible by expert=3" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_aot
 @pytest.mark.skipif(not P.libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_aot_compile_for_a_tpu_slice(monkeypatch):
     """The actual train step compiled by libtpu for v5p:2x2x1 on this CPU host: compiled

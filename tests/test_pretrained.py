@@ -436,9 +436,9 @@ def test_train_init_from_starts_from_the_checkpoint(ckpt, imported):
     cfg = _run_cfg(ckpt)
     mesh = make_mesh(cfg.mesh, cfg.model, global_batch=cfg.data.global_batch)
     state, _, _ = setup(cfg, mesh, Rules(cfg.rules), pretrained=True)
-    assert int(state["step"]) == 0
+    assert int(state.step) == 0
     want = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(imported, nnx.Param)))[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(state["params"])[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(state.params)[0])
     assert len(got) == len(want) > 0
     for path, x in want:
         np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(x), err_msg=str(path))

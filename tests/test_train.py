@@ -16,7 +16,8 @@ from train.data import make_iterator
 from train.main import run
 from train.metrics import read_events
 from train.optim import make_optimizer, muon_partition
-from train.step import denominators, init_state, loss_sums, make_grad_fn, make_train_step, total_loss
+from train.state import init_state
+from train.step import denominators, loss_sums, make_grad_fn, make_train_step, total_loss
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -109,7 +110,7 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_steps):
     grads = {}
     for m in (1, 4):
         fn = make_grad_fn(graphdef, small_cfg(f"train.micro_batches={m}"))
-        grads[m] = jax.jit(fn)(state["params"], state["rest"], batch, state["step"])
+        grads[m] = jax.jit(fn)(state.params, state.rest, batch, state.step)
     (g1, s1, *_, c1, _), (g4, s4, *_, c4, _) = grads[1], grads[4]
     for k in s1:
         np.testing.assert_allclose(s1[k], s4[k], rtol=1e-5, err_msg=k)
@@ -126,7 +127,7 @@ def test_remat_gives_the_same_gradients(single_device_steps):
     cfg, graphdef, state, _, batch = single_device_steps
     full = small_cfg("optim.weight_decay=0.0", "model.remat=full")
     gdef = nnx.split(build(full.model, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
-    args = (state["params"], state["rest"], batch, state["step"])
+    args = (state.params, state.rest, batch, state.step)
     want = jax.tree.leaves(jax.jit(make_grad_fn(graphdef, cfg))(*args)[0])
     got = jax.tree.leaves(jax.jit(make_grad_fn(gdef, full))(*args)[0])
     scale = max(float(jnp.abs(x).max()) for x in want)
@@ -140,10 +141,10 @@ def test_muon_and_adamw_step_sizes(single_device_steps):
     cfg, _, state, one, batch = single_device_steps
     new, _ = one(state, batch)
     lr = cfg.optim.lr
-    dq = new["params"]["segments"][2]["blocks"][0]["attn"]["wq_a"]["w"] - state["params"]["segments"][2]["blocks"][0]["attn"]["wq_a"]["w"]
+    dq = new.params["segments"][2]["blocks"][0]["attn"]["wq_a"]["w"] - state.params["segments"][2]["blocks"][0]["attn"]["wq_a"]["w"]
     rms = float(jnp.sqrt(jnp.mean(dq[0] ** 2)))
     assert 0.7 * 0.18 * lr < rms < 1.3 * 0.18 * lr
-    de = new["params"]["norm"]["weight"] - state["params"]["norm"]["weight"]
+    de = new.params["norm"]["weight"] - state.params["norm"]["weight"]
     np.testing.assert_allclose(jnp.abs(de), lr, rtol=0.05)
 
 

@@ -74,7 +74,8 @@ def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = (), pretrained: bool = 
 
     from parallel import create_sharded
     from train.optim import make_optimizer, schedule
-    from train.step import init_state, make_train_step, place_state
+    from train.state import init_state, place_state
+    from train.step import make_train_step
 
     if pretrained:
         from model.pretrained import load_pretrained, pretrained_config
@@ -124,8 +125,8 @@ def restore_run(run_dir, overrides=()):
         raise FileNotFoundError(f"{run_dir}: the run has no checkpoint yet")
     step, state, _ = found
     graphdef, params, rest = nnx.split(abstract_model(cfg.model), nnx.Param, ...)
-    nnx.replace_by_pure_dict(params, state["params"])
-    nnx.replace_by_pure_dict(rest, state["rest"])
+    nnx.replace_by_pure_dict(params, state.params)
+    nnx.replace_by_pure_dict(rest, state.rest)
     return nnx.merge(graphdef, params, rest), cfg, step
 
 

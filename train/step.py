@@ -3,8 +3,8 @@
 Legend: B batch, S sequence, V vocab, L layers (main then MTP), E experts, M micro-batches.
 Every term is a *sum* divided by a denominator fixed by the whole batch (tokens, sequences,
 queries), so M micro-batches accumulate to exactly the gradient of one big batch.
-The train state is a dict of pure pytrees {step, params, rest, opt, bad, skipped}; `rest` holds
-the routing biases and hash tables (never seen by the optimiser). The routing-bias update runs
+The train state is train/state.py's TrainState; `rest` holds the routing biases and hash
+tables (never seen by the optimiser). The routing-bias update runs
 inside the step, after the optimiser, from the step's per-expert token counts.
 
 Bad steps: when the loss or the gradient norm is not finite, the step keeps params, rest and
@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model.config import ModelConfig
 from model.transformer import update_routing_bias
@@ -145,76 +144,28 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_sche
     gamma = run_cfg.loss.bias_gamma
 
     def step(state, batch):
-        params, rest = state["params"], state["rest"]
-        grads, sums, denoms, weights, counts, dropped = grad_fn(params, rest, batch, state["step"])
+        params, rest = state.params, state.rest
+        grads, sums, denoms, weights, counts, dropped = grad_fn(params, rest, batch, state.step)
         if nan_steps:
-            poison = jnp.isin(state["step"], jnp.asarray(nan_steps))
+            poison = jnp.isin(state.step, jnp.asarray(nan_steps))
             grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
         loss, terms = total_loss(sums, denoms, weights)
         grad_norm = optax.tree.norm(grads)
-        updates, opt = tx.update(grads, state["opt"], params)
+        updates, opt = tx.update(grads, state.opt, params)
         new_params = optax.apply_updates(params, updates)
         model = nnx.merge(graphdef, nnx.State(new_params), nnx.State(rest))
         update_routing_bias(model, counts, gamma)
         new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = {"params": (new_params, params), "rest": (new_rest, rest), "opt": (opt, state["opt"])}
+        keep = {"params": (new_params, params), "rest": (new_rest, rest), "opt": (opt, state.opt)}
         kept = {k: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old) for k, (new, old) in keep.items()}
-        bad = jnp.where(ok, 0, state["bad"] + 1)
+        bad = jnp.where(ok, 0, state.bad + 1)
         load = counts.astype(F32)
         metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
                    "tokens": denoms["ce"], "dropped_tokens": dropped,
-                   "lr": lr_schedule(state["step"]) if lr_schedule else jnp.zeros((), F32),
+                   "lr": lr_schedule(state.step) if lr_schedule else jnp.zeros((), F32),
                    "expert_load_max_over_mean": jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)),
-                   "bad_streak": bad, "skipped_steps": state["skipped"] + (~ok)}
-        return {"step": state["step"] + 1, **kept, "bad": bad, "skipped": metrics["skipped_steps"]}, metrics
+                   "bad_streak": bad, "skipped_steps": state.skipped + (~ok)}
+        return state.replace(step=state.step + 1, **kept, bad=bad, skipped=metrics["skipped_steps"]), metrics
 
     return step
-
-
-def place_state(state, mesh):
-    """(state, its shardings) with every leaf on `mesh`: leaves created outside the sharded
-    initialiser (the step counter, optimiser counts) are replicated."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                         else jax.device_put(x, replicated), state)
-    return state, jax.tree.map(lambda x: x.sharding, state)
-
-
-def match_params(tree, params, values, other):
-    """A pytree shaped like `tree` (optimiser state) whose leaves are the `values` entry of the
-    parameter each leaf mirrors (its path ends with the parameter's path and it has the
-    parameter's shape: momenta, second moments), `other` for the rest (counts, scalars).
-    `values` has the structure of `params` (e.g. their shardings or PartitionSpecs)."""
-    flat = {}
-    for (path, p), v in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                            jax.tree.leaves(values, is_leaf=lambda x: x is None or isinstance(x, P))):
-        flat[tuple(k.key for k in path)] = (p.shape, v)
-
-    def pick(path, leaf):
-        tail = []
-        for k in reversed(path):
-            if not isinstance(k, jax.tree_util.DictKey):
-                break
-            tail.insert(0, k.key)
-        shape, value = flat.get(tuple(tail), (None, other))
-        return value if shape == leaf.shape else other
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
-def init_state(model, tx, mesh=None) -> tuple:
-    """(graphdef, state) from a model. With the `mesh` of a sharded model, the optimizer state
-    is created sharded like the parameters it mirrors (what train/plan.py counts), its
-    scalars replicated."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    out = None
-    if mesh is not None:
-        shardings = jax.tree.map(lambda x: x.sharding, params)
-        out = match_params(jax.eval_shape(tx.init, params), params, shardings, NamedSharding(mesh, P()))
-    opt = jax.jit(tx.init, out_shardings=out)(params)
-    def zero():  # separate buffers: the step donates every leaf
-        return jnp.zeros((), jnp.int32)
-
-    return graphdef, {"step": zero(), "params": params, "rest": rest, "opt": opt, "bad": zero(), "skipped": zero()}

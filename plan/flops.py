@@ -1,12 +1,14 @@
-"""Matmul FLOPs of a compiled XLA program, loops counted as many times as they run.
+"""FLOPs of a train step: what the model needs (analytic) and what the compiled program does.
 
-XLA's own cost analysis (`compiled.cost_analysis()["flops"]`) counts a while loop's body once,
-so for a model whose layers run in a scan (and Muon's Newton-Schulz steps) it reports a small
-fraction of the real work. This reads the optimised HLO text instead: every dot and
-convolution (2 x output elements x contracted size), every custom call that states its FLOPs
-(Pallas kernels' cost estimates), each multiplied by the trip counts of the loops around it.
-A loop's trip count is read from its condition (`counter < constant`); loops whose bound is
-not a constant (data-dependent: sorts, top-k) are counted once and reported.
+The model's: model/counts.py's FLOPs per token x the tokens of a step, times the forward passes
+remat adds, plus Muon's Newton-Schulz iterations. The compiled program's: XLA's own cost
+analysis (`compiled.cost_analysis()["flops"]`) counts a while loop's body once, so for a model
+whose layers run in a scan (and Muon's Newton-Schulz steps) it reports a small fraction of the
+real work. `hlo_flops` reads the optimised HLO text instead: every dot and convolution
+(2 x output elements x contracted size), every custom call that states its FLOPs (Pallas
+kernels' cost estimates), each multiplied by the trip counts of the loops around it. A loop's
+trip count is read from its condition (`counter < constant`); loops whose bound is not a
+constant (data-dependent: sorts, top-k) are counted once and reported.
 """
 from __future__ import annotations
 
@@ -15,6 +17,42 @@ import re
 
 import numpy as np
 
+
+# --- the model's FLOPs ----------------------------------------------------------------------
+def flops_per_step(run_cfg) -> float:
+    from model.counts import flops_per_token
+
+    return flops_per_token(run_cfg.model, run_cfg.data.seq_len)["train"] * run_cfg.data.global_batch * run_cfg.data.seq_len
+
+
+REMAT_FLOPS = {"none": 1.0, "save_matmuls": 1.0, "full": 4 / 3}  # forward recomputed: 3 -> 4 passes
+
+
+def optimizer_flops(run_cfg, layout) -> float:
+    """Muon's Newton-Schulz FLOPs per step, all matrices (0 for AdamW)."""
+    from flax import nnx
+
+    from train.muon import newton_schulz_flops
+    from train.optim import NS_COEFFS, muon_dims
+
+    if run_cfg.optim.name != "muon":
+        return 0.0
+    total = 0.0
+    for path, var in nnx.to_flat_state(layout.param_state):
+        dims = muon_dims(path, tuple(var.get_metadata().get("out_sharding") or ()))
+        if dims is not None:
+            total += newton_schulz_flops(var.get_value().shape, dims, len(NS_COEFFS))
+    return total
+
+
+def model_flops_per_device(run_cfg, layout, devices: int) -> tuple[float, float]:
+    """(forward + backward FLOPs x the remat factor, Muon's Newton-Schulz FLOPs), per device
+    (the optimiser's spread evenly): what the compiled step should cost."""
+    train = flops_per_step(run_cfg) * REMAT_FLOPS[run_cfg.model.remat] / devices
+    return train, optimizer_flops(run_cfg, layout) / devices
+
+
+# --- the compiled program's FLOPs, read from its optimised HLO ------------------------------
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|[\w\[\],{}:()]+?) ([\w\-]+)\((.*)$")
 _SHAPE = re.compile(r"^\w+\[([\d,]*)\]")

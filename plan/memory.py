@@ -1,0 +1,178 @@
+"""Per-device bytes of one training step, estimated without devices or FLOPs.
+
+- The train state (parameters, routing tables, optimiser state, gradients): the abstract model
+  and optimiser (jax.eval_shape) laid out by the sharding rules on an abstract mesh of the
+  topology's size: exact, the layout `python -m train` creates.
+- Activations: the residuals autodiff keeps for the backward pass, read off `jax.vjp` of the
+  real loss traced abstractly (no FLOPs, no memory) at 1 and 2 sequences, so the policy of
+  `model.remat` is applied by JAX itself. Per-sequence residuals scale with the sequences each
+  device holds; the rest (weights cast to the compute dtype, kept for the backward) is counted
+  sharded like the parameters. A rematerialised block recomputes its forward during the
+  backward: one block's residuals (the remat-none residuals over the layer count) are added as
+  the working set. Activations sharded over `tensor` are counted whole (an upper bound).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FIT_FRACTION = 0.9  # of HBM: what the estimate may use (XLA's temporaries, fragmentation)
+
+
+# --- the train state, abstractly ----------------------------------------------------------
+class StateLayout:
+    """The train state's structure (params, rest, opt) as ShapeDtypeStructs, with the
+    PartitionSpec of every leaf from the rules: no memory, any model size."""
+
+    def __init__(self, run_cfg, rules):
+        import jax
+        from flax import nnx
+        from jax.sharding import PartitionSpec as P
+
+        from model.counts import weight_classes
+        from model.transformer import abstract
+        from train.optim import make_optimizer, nest
+        from train.state import mirror_params
+
+        model = abstract(run_cfg.model)
+        self.rules = rules
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.param_state = params  # logical axis names: make_optimizer(..., mesh, rules) on a mesh
+        self.tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, params)
+        specs = dict(nnx.to_flat_state(rules.param_specs(model)))
+        self.params, self.rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+        self.opt = jax.eval_shape(self.tx.init, self.params)
+        spec = {k: nest({p: specs[p] for p, _ in nnx.to_flat_state(s)}) for k, s in (("params", params), ("rest", rest))}
+        spec["opt"] = mirror_params(self.tx, self.params, spec["params"], P())
+        self.specs = spec
+        self.param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+        self.weight_classes = weight_classes(model)
+
+    def abstract(self, mesh):
+        """The TrainState as ShapeDtypeStructs sharded on `mesh` (step counters replicated)."""
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from train.state import TrainState
+
+        def place(tree, specs):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                                tree, specs, is_leaf=lambda x: isinstance(x, P))
+
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+        return TrainState(step=scalar, params=place(self.params, self.specs["params"]),
+                          rest=place(self.rest, self.specs["rest"]), opt=place(self.opt, self.specs["opt"]),
+                          bad=scalar, skipped=scalar)
+
+    def param_elements(self, mesh=None) -> dict[tuple, int]:
+        """Elements of every parameter: whole, or on the device holding the most of `mesh`."""
+        import jax
+
+        tree = self.params if mesh is None else self.abstract(mesh).params
+        shape = (lambda x: x.shape) if mesh is None else (lambda x: x.sharding.shard_shape(x.shape))
+        return {tuple(k.key for k in path): math.prod(shape(x))
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def bytes_per_device(self, mesh) -> dict[str, int]:
+        """Bytes of params / rest / opt on the device holding the most (ceil-divided shards)."""
+        import jax
+
+        state = self.abstract(mesh)
+        return {k: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                       for x in jax.tree.leaves(getattr(state, k)))
+                for k in ("params", "rest", "opt")}
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Autodiff residuals of the loss, in bytes: per sequence and independent of the batch."""
+    per_seq: float       # under the config's model.remat
+    fixed: float         # weight-sized residuals (casts of weights kept for the backward)
+    block: float         # one block's forward residuals per sequence (remat-none / blocks)
+
+
+def residual_bytes(run_cfg, layout, n_seqs: int) -> int:
+    """Bytes of what jax.vjp keeps for the backward of the loss on `n_seqs` sequences,
+    excluding the arguments themselves (parameters, routing tables, batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    from train.step import denominators, loss_weights, make_forward
+
+    forward = make_forward(layout.graphdef, run_cfg.model)
+    seq = jax.ShapeDtypeStruct((n_seqs, run_cfg.data.seq_len), jnp.int32)
+    batch = dict.fromkeys(("inputs", "targets", "segment_ids", "loss_mask"), seq)
+
+    def kept(params, rest, mb):
+        denoms, weights = denominators(mb, run_cfg.model), loss_weights(run_cfg.loss, 0, run_cfg.train.steps)
+        _, f_vjp, _ = jax.vjp(lambda p: forward(p, rest, mb, denoms, weights, False), params, has_aux=True)
+        given = {id(x) for x in jax.tree.leaves((params, rest, mb))}
+        return [r for r in jax.tree.leaves(f_vjp) if id(r) not in given]
+
+    out = jax.eval_shape(kept, layout.params, layout.rest, batch)
+    return sum(x.size * x.dtype.itemsize for x in out)
+
+
+def activations(run_cfg, layout) -> Activations:
+    import dataclasses
+
+    one, two = residual_bytes(run_cfg, layout, 1), residual_bytes(run_cfg, layout, 2)
+    per_seq, fixed = two - one, 2 * one - two
+    block = 0.0
+    if run_cfg.model.remat != "none":
+        import copy
+
+        from flax import nnx
+
+        from model.transformer import abstract
+
+        plain = dataclasses.replace(run_cfg, model=run_cfg.model.replace(remat="none"))
+        plain_layout = copy.copy(layout)  # same state; only the block call (graphdef) differs
+        plain_layout.graphdef = nnx.split(abstract(plain.model), nnx.Param, ...)[0]
+        none_seq = residual_bytes(plain, plain_layout, 2) - residual_bytes(plain, plain_layout, 1)
+        block = none_seq / (run_cfg.model.n_layers + run_cfg.model.n_mtp_layers)
+    return Activations(per_seq, fixed, block)
+
+
+# --- the estimate -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Memory:
+    """Per-device bytes of one training step (the device holding the most)."""
+    params: float
+    rest: float
+    grads: float
+    opt: float
+    batch: float
+    saved: float      # activations kept for the backward
+    working: float    # one block recomputed during the backward (remat), weight casts
+    seqs: float       # sequences per device per micro-batch
+
+    @property
+    def total(self) -> float:
+        return self.params + self.rest + self.grads + self.opt + self.batch + self.saved + self.working
+
+    def rows(self, run_cfg) -> list[tuple[str, float]]:
+        m = run_cfg.model
+        micro = run_cfg.train.micro_batches
+        return [(f"parameters ({m.param_dtype})", self.params),
+                ("routing biases and hash tables", self.rest),
+                ("gradients" + (" (+ accumulator)" if micro > 1 else ""), self.grads),
+                (f"optimiser state ({run_cfg.optim.name})", self.opt),
+                ("batch (inputs, targets, segments, mask)", self.batch),
+                (f"activations kept (remat {m.remat}, {self.seqs:g} seq x {run_cfg.data.seq_len})", self.saved),
+                ("recompute working set + weight casts", self.working)]
+
+
+def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory:
+    from parallel.mesh import abstract_mesh
+
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = run_cfg.train.micro_batches
+    seqs = run_cfg.data.global_batch / shards / micro
+    state = layout.bytes_per_device(abstract_mesh(sizes))
+    param_share = state["params"] / layout.param_bytes
+    grads = state["params"] * (2 if micro > 1 else 1)
+    batch = 4 * 4 * run_cfg.data.global_batch / shards * run_cfg.data.seq_len
+    return Memory(state["params"], state["rest"], grads, state["opt"], batch, act.per_seq * seqs,
+                  act.block * seqs + act.fixed * param_share, seqs)
