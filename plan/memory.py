@@ -92,9 +92,20 @@ class Activations:
     block: float         # one block's forward residuals per sequence (remat-none / blocks)
 
 
+_TRACED: dict = {}  # a full-depth model traces in 10-20 s: once per process, model and batch
+
+
 def residual_bytes(run_cfg, layout, n_seqs: int) -> int:
     """Bytes of what jax.vjp keeps for the backward of the loss on `n_seqs` sequences,
-    excluding the arguments themselves (parameters, routing tables, batch)."""
+    excluding the arguments themselves (parameters, routing tables, batch). `layout` holds
+    `run_cfg.model`'s state; the figure is remembered per model, sequence length and loss."""
+    key = (run_cfg.model, run_cfg.data.seq_len, run_cfg.loss, run_cfg.train.steps, n_seqs)
+    if key not in _TRACED:
+        _TRACED[key] = _residual_bytes(run_cfg, layout, n_seqs)
+    return _TRACED[key]
+
+
+def _residual_bytes(run_cfg, layout, n_seqs: int) -> int:
     import jax
     import jax.numpy as jnp
 
