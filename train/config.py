@@ -13,11 +13,7 @@ loading that file again gives an equal RunConfig and a run can always be repeate
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -28,6 +24,7 @@ from model.config import PRESETS, ConfigError, ModelConfig, check, check_keys
 from parallel.expert import TRANSPORTS
 from parallel.mesh import AXES as MESH_AXES, BATCH_AXES, MeshConfig, validate
 from parallel.rules import RULES, Rules
+from train.coerce import coerce, field_types
 
 if TYPE_CHECKING:  # train.data imports this module
     from train.data import DataConfig
@@ -52,83 +49,14 @@ def _one_of(value, choices: tuple, name: str) -> None:
     check(value in choices, name, f"must be one of {choices}, got {value!r}")
 
 
-# --- types: YAML values checked and coerced against a field's annotation ---------------------
-_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _describe(tp) -> str:
-    """The annotation in the words of an error message: 'int or null', 'list of str'."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin in (tuple, list):
-        if len(args) == 2 and args[1] is Ellipsis or origin is list:
-            return f"list of {_describe(args[0]) if args else 'values'}"
-        return f"list of {len(args)} {' / '.join(sorted({_describe(a) for a in args}))}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value, tp, name: str):
-    """`value` as type `tp`, or a ConfigError. Strict on purpose: bool is not an int and 3.0
-    is not an int (a silently truncated number is worse than an error); ints pass as floats,
-    and numeric text passes as a float because YAML 1.1 reads `3e-4` as a string."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, name)
-            except ConfigError:
-                pass
-    elif origin in (tuple, list):
-        return _coerce_seq(value, tp, name)
-    elif tp is bool or tp is str:
-        if isinstance(value, tp):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)
-    else:
-        return value  # an annotation we do not model: the dataclass checks it itself
-    raise ConfigError(f"{name}: expected {_describe(tp)}, got {value!r}")
-
-
-def _coerce_seq(value, tp, name: str):
-    """Lists/tuples element by element; a lone value stands for a one-element list."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    variadic = origin is list or (len(args) == 2 and args[1] is Ellipsis)
-    if not isinstance(value, (list, tuple)):
-        if not variadic or value is None or isinstance(value, Mapping):
-            raise ConfigError(f"{name}: expected {_describe(tp)}, got {value!r}")
-        value = [value]
-    if not variadic and len(value) != len(args):
-        raise ConfigError(f"{name}: expected {_describe(tp)}, got {list(value)!r}")
-    elem = [args[0]] * len(value) if variadic else args
-    out = [_coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, elem))]
-    return tuple(out) if origin is tuple else out
-
-
-@functools.cache
-def _field_types(cls) -> dict[str, Any]:
-    """Resolved annotation of each dataclass field (annotations are strings here)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 class _Section:
     """Base of the sections below: coerce fields to their types, then `_validate`, so a
     section built in code is as checked as one read from YAML. OptimConfig -> 'optim'."""
 
     def __post_init__(self):
         section = type(self).__name__.removesuffix("Config").lower()
-        for name, tp in _field_types(type(self)).items():
-            object.__setattr__(self, name, _coerce(getattr(self, name), tp, f"{section}.{name}"))
+        for name, tp in field_types(type(self)).items():
+            object.__setattr__(self, name, coerce(getattr(self, name), tp, f"{section}.{name}"))
         self._validate()
 
 
@@ -214,9 +142,12 @@ class LogConfig(_Section):
     profile_steps: tuple[int, int] | None = None  # [start, stop) of a profiler trace
     example_ids: bool = False  # write RUN_DIR/examples.jsonl: tokens per document id per step
     peak_flops: float = 6.0e10  # per device (CPU's measured f32 matmul peak), for MFU
+    # held-out loss (eval_loss, eval_ppl) every N steps and at the end; 0: off. Needs
+    # data.eval_fraction or data.eval_paths
+    eval_every: int = 0
 
     def _validate(self):
-        _bounds(self, "log", gt0=("log_every", "peak_flops"))
+        _bounds(self, "log", gt0=("log_every", "peak_flops"), ge0=("eval_every",))
         p = self.profile_steps
         check(p is None or 0 <= p[0] < p[1], "log.profile_steps",
               f"expected [start, stop] with 0 <= start < stop, got {p and list(p)}")
@@ -332,11 +263,11 @@ def _build_section(name: str, raw):
     if name == "rules":
         return raw
     cls = _section_class(name)
-    hints = dict(_field_types(cls))
+    hints = dict(field_types(cls))
     if name == "model":
         hints["preset"] = str
     check_keys(raw, hints, f"{name}.")
-    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
+    kwargs = {k: coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
     try:
         return ModelConfig.from_dict(kwargs) if name == "model" else cls(**kwargs)
     except ConfigError as e:

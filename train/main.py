@@ -3,9 +3,11 @@
 Order matters: the run configuration is read and validated in plain Python first (a bad value
 fails in one line, before JAX starts); then the device count is fixed, the mesh is built and
 validated, the model is initialised directly into its shards, and the jitted step (donated
-state, pinned output shardings) runs over the Grain pipeline. A run directory with
-checkpoints resumes from the newest good one (train/checkpoint.py); several processes join
-through train/distributed.py (--coordinator / --num-processes / --process-id, or detected).
+state, pinned output shardings) runs over the Grain pipeline in train/loop.py, which calls the
+hooks of train/hooks.py (logging, bad-step stop, evaluation, checkpoints, preemption, profile).
+A run directory with checkpoints resumes from the newest good one (train/checkpoint.py);
+several processes join through train/distributed.py (--coordinator / --num-processes /
+--process-id, or detected).
 
 Exit codes: 0 done, or preempted by SIGTERM and saved; 2 a configuration error or a checkpoint
 of another model; 3 train.max_bad_steps consecutive non-finite steps; 4 a checkpoint that could
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 
 def parse_args(argv):
@@ -188,14 +189,8 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Quiet:
-    """Stands in for the printer and the log writers on processes other than 0."""
-
-    def __call__(self, *args, **kwargs):
-        pass
-
-    def __getattr__(self, name):
-        return self
+def _silent(*args, **kwargs):
+    """The printer of processes other than 0 (only process 0 prints)."""
 
 
 def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
@@ -210,131 +205,183 @@ def run(cfg, profile: bool = False, max_steps: int | None = None) -> int:
         preemption.close()
 
 
-def _run(cfg, profile, max_steps, preemption) -> int:
+def eval_batches(cfg) -> list:
+    """This process's held-out batches for log.eval_every (none when it is 0); a ConfigError,
+    before any compile, when evaluation is on but the data has no held-out part."""
+    if not cfg.log.eval_every:
+        return []
+    import jax
+
+    from model.config import ConfigError
+    from train.data import make_eval_batches
+
+    batches = make_eval_batches(cfg.data, jax.process_index(), jax.process_count())
+    if not batches:
+        raise ConfigError(f"log.eval_every: evaluating every {cfg.log.eval_every} steps needs "
+                          "held-out data; set data.eval_fraction / data.eval_paths, or "
+                          "log.eval_every=0")
+    return batches
+
+
+def _batches(it, sharding, examples, start):
+    """The process-local batches of `it` as global arrays on the mesh; with an `examples`
+    writer, the tokens of each document id in each step's batch (the data audit log)."""
     import jax
     import numpy as np
 
-    from model.counts import flops_per_token
-    from parallel import Rules, describe, make_mesh, sharded
-    from train.checkpoint import Checkpointer, abstract
-    from train.config import format_config, save_resolved
-    from train.data import ProcessIterator, describe_corpus
-    from train.distributed import global_data_state
-    from train.metrics import EventWriter, JsonlWriter, Progress
+    step = start
+    while True:
+        batch = next(it)
+        step += 1
+        if examples is not None:
+            doc_ids = batch["doc_ids"]
+            ids, counts = np.unique(doc_ids[doc_ids >= 0], return_counts=True)
+            examples.write(step, {"tokens": dict(zip(map(str, ids.tolist()), counts.tolist()))})
+        yield {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+               for k in ("inputs", "targets", "segment_ids", "loss_mask")}
 
-    model_cfg = cfg.model
-    run_dir = cfg.log.run_dir
+
+def _run(cfg, profile, max_steps, preemption) -> int:
+    import jax
+
+    from parallel import sharded
+    from train.hooks import BadStepHook
+    from train.loop import run_loop
+
     main_process = jax.process_index() == 0  # only process 0 prints and writes logs
-    say = print if main_process else _Quiet()
-    say(format_config(cfg))
-    if main_process:
-        say(f"resolved config saved to {save_resolved(cfg, run_dir)}")
-    mesh = make_mesh(cfg.mesh, model_cfg, global_batch=cfg.data.global_batch)
-    rules = Rules(cfg.rules)
-    corpus = describe_corpus(cfg.data)
-    if corpus["vocab_size"] > model_cfg.vocab_size:
-        from model.config import ConfigError
-
-        raise ConfigError(f"data.tokenizer: its {corpus['vocab_size']} ids do not fit "
-                          f"model.vocab_size={model_cfg.vocab_size}")
-    say(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
-
-    ckpt, start = None, 0
+    say = print if main_process else _silent
+    mesh, rules, held_out = _prepare(cfg, main_process, say)
+    ckpt = None
     if cfg.checkpoint.enabled:  # before any compile: an unusable directory fails at once
-        ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-        ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, cfg.to_dict(), log=say)
-    nan_steps = fault_nan_steps()
-    if nan_steps:
-        say(f"fault injection: NaN gradients at steps {list(nan_steps)}")
-    fresh = not (ckpt and ckpt.steps())
-    state, state_shardings, step_fn = setup(cfg, mesh, rules, nan_steps,
-                                            pretrained=bool(cfg.train.init_from) and fresh)
-    if cfg.train.init_from and fresh:
-        say(f"parameters from {cfg.train.init_from}")
-    batch_sharding = jax.sharding.NamedSharding(mesh, rules.spec(("batch", None)))
-    flops = flops_per_token(model_cfg, cfg.data.seq_len)["train"]
-    peak = cfg.log.peak_flops * len(jax.devices())
+        from train.checkpoint import Checkpointer
 
-    it = ProcessIterator(cfg.data, jax.process_index(), jax.process_count())
-    if not fresh:  # resume
-        target = abstract(state)
-        jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
-        start, state, data_state = ckpt.restore_latest(target)
-        it.set_state(data_state)
-        say(f"resumed from step {start} in {ckpt_dir}")
+        ckpt = Checkpointer(_ckpt_dir(cfg), cfg.checkpoint, cfg.to_dict(), log=say)
+    start, state, state_shardings, step_fn, it = _initial_state(cfg, mesh, rules, ckpt, say)
     steps = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
     if start >= steps:
         say(f"nothing to do: checkpoint step {start} >= {steps} steps "
             "(raise train.steps, or use another log.run_dir / checkpoint.dir)")
         ckpt and ckpt.close()
         return 0
-    quiet = _Quiet()
-    jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"), resume_step=start) if main_process else quiet
+
+    batch_sharding = jax.sharding.NamedSharding(mesh, rules.spec(("batch", None)))
+    writer, examples = _writers(cfg, start, main_process)
+    try:
+        with sharded(mesh, rules, cfg.train.moe_transport, cfg.train.capacity_factor):
+            jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
+            hooks, log = _hooks(cfg, profile, start, steps, ckpt, it, held_out, batch_sharding,
+                                preemption, writer, main_process, say)
+            _, _, stopper = run_loop(state, jstep, _batches(it, batch_sharding, examples, start),
+                                     hooks, start, steps)
+    finally:
+        writer.close()
+        examples and examples.close()
+    if isinstance(stopper, BadStepHook):
+        return 3
+    if not preemption.requested:
+        say(f"done: {steps} steps, final loss {log.last['loss']:.4f}; metrics in {cfg.log.run_dir}")
+    return 0
+
+
+def _prepare(cfg, main_process: bool, say):
+    """(mesh, rules, held-out batches): the resolved config printed and saved, the checks that
+    need the devices or the data, all before any compile."""
+    import jax
+
+    from parallel import Rules, describe, make_mesh
+    from train.config import format_config, save_resolved
+    from train.data import describe_corpus
+
+    say(format_config(cfg))
+    if main_process:
+        say(f"resolved config saved to {save_resolved(cfg, cfg.log.run_dir)}")
+    mesh = make_mesh(cfg.mesh, cfg.model, global_batch=cfg.data.global_batch)
+    corpus = describe_corpus(cfg.data)
+    if corpus["vocab_size"] > cfg.model.vocab_size:
+        from model.config import ConfigError
+
+        raise ConfigError(f"data.tokenizer: its {corpus['vocab_size']} ids do not fit "
+                          f"model.vocab_size={cfg.model.vocab_size}")
+    say(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
+    return mesh, Rules(cfg.rules), eval_batches(cfg)
+
+
+def _initial_state(cfg, mesh, rules, ckpt, say):
+    """(start step, state, its shardings, the step function, this process's data iterator): a
+    fresh state (or train.init_from's parameters) at step 0, or the newest good checkpoint's
+    state with the iterator at its position."""
+    import jax
+
+    from train.checkpoint import abstract
+    from train.data import ProcessIterator
+
+    nan_steps = fault_nan_steps()
+    if nan_steps:
+        say(f"fault injection: NaN gradients at steps {list(nan_steps)}")
+    fresh = not (ckpt and ckpt.steps())
+    state, shardings, step_fn = setup(cfg, mesh, rules, nan_steps,
+                                      pretrained=bool(cfg.train.init_from) and fresh)
+    if cfg.train.init_from and fresh:
+        say(f"parameters from {cfg.train.init_from}")
+    it = ProcessIterator(cfg.data, jax.process_index(), jax.process_count())
+    if fresh:
+        return 0, state, shardings, step_fn, it
+    target = abstract(state)
+    jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
+    start, state, data_state = ckpt.restore_latest(target)
+    it.set_state(data_state)
+    say(f"resumed from step {start} in {_ckpt_dir(cfg)}")
+    return start, state, shardings, step_fn, it
+
+
+def _ckpt_dir(cfg) -> str:
+    return cfg.checkpoint.dir or os.path.join(cfg.log.run_dir, "checkpoints")
+
+
+def _writers(cfg, start: int, main_process: bool):
+    """(the metrics writer: metrics.jsonl + TensorBoard, the examples.jsonl writer or None);
+    NullWriters on processes other than 0."""
+    from train.metrics import FanOut, JsonlWriter, NullWriter, TensorBoardWriter
+
+    if not main_process:
+        return NullWriter(), None
+    run_dir = cfg.log.run_dir
+    writers = [JsonlWriter(os.path.join(run_dir, "metrics.jsonl"), resume_step=start)]
+    if cfg.log.tensorboard:
+        writers.append(TensorBoardWriter(os.path.join(run_dir, "tb")))
     examples = JsonlWriter(os.path.join(run_dir, "examples.jsonl"), resume_step=start) \
-        if cfg.log.example_ids and main_process else None
-    tb = EventWriter(os.path.join(run_dir, "tb")) if cfg.log.tensorboard and main_process else None
-    bar = Progress(steps, start=start) if main_process else quiet
-    prof = tuple(cfg.log.profile_steps or (3, 5)) if profile else None
-    code, record = 0, None
-    with sharded(mesh, rules, cfg.train.moe_transport, cfg.train.capacity_factor):
-        jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
-        t_last, pending = time.perf_counter(), []
-        for step in range(start, steps):
-            if prof and step == prof[0]:
-                jax.profiler.start_trace(os.path.join(run_dir, "profile"))
-            batch = next(it)
-            local = {k: np.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids", "loss_mask")}
-            gbatch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
-            state, metrics = jstep(state, gbatch)
-            pending.append(metrics)
-            if examples:
-                ids, counts = np.unique(batch["doc_ids"][batch["doc_ids"] >= 0], return_counts=True)
-                examples.write({"step": step + 1, "tokens": dict(zip(map(str, ids.tolist()), counts.tolist()))})
-            if prof and step == prof[1]:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                say(f"profile trace written to {os.path.join(run_dir, 'profile')}")
-            last = preemption.reached(step + 1) or step + 1 == steps
-            saving = ckpt is not None and (last or ckpt.due(step + 1))
-            if (step + 1) % cfg.log.log_every and not last and not saving:
-                continue
-            fetched = jax.device_get(pending)
-            now = time.perf_counter()
-            tok_s = cfg.data.global_batch * cfg.data.seq_len * len(fetched) / (now - t_last)
-            t_last, pending = now, []
-            record = {k: float(v) for k, v in fetched[-1].items()}
-            record.update(step=step + 1, tokens_per_s=tok_s, mfu=tok_s * flops / peak,
-                          target_tokens=sum(float(m["tokens"]) for m in fetched))
-            jsonl.write(record)
-            if tb:
-                tb.scalars(step + 1, record)
-            bar.update(step + 1, record["loss"], tok_s)
-            streak = max(int(m["bad_streak"]) for m in fetched)
-            if streak >= cfg.train.max_bad_steps:
-                say(f"\nstopping: {streak} consecutive steps with a non-finite loss or gradient "
-                    f"(train.max_bad_steps={cfg.train.max_bad_steps}) up to step {step + 1}; "
-                    "parameters were left unchanged by them and nothing after the last good "
-                    "step was checkpointed", file=sys.stderr)
-                code = 3
-                break
-            saved = saving and not record["bad_streak"]
-            if saved:
-                ckpt.save(step + 1, state, global_data_state(it.get_state()))
-            elif saving:
-                say(f"\nstep {step + 1}: not checkpointed (the last {int(record['bad_streak'])} "
-                    "steps were skipped as non-finite)")
-            if preemption.requested:
-                what = f"checkpointed step {step + 1}" if saved else "nothing new checkpointed"
-                say(f"\nSIGTERM: {what}; exiting so the job can be rescheduled "
-                    "(resume with the same command)")
-                break
-    bar.close()
-    jsonl.close()
-    examples and examples.close()
-    if tb:
-        tb.close()
-    if ckpt:
-        ckpt.close()
-    if code == 0 and not preemption.requested:
-        say(f"done: {steps} steps, final loss {record['loss']:.4f}; metrics in {run_dir}")
-    return code
+        if cfg.log.example_ids else None
+    return FanOut(*writers), examples
+
+
+def _hooks(cfg, profile, start, steps, ckpt, it, held_out, batch_sharding, preemption, writer,
+           main_process, say) -> tuple[list, object]:
+    """(the run's hooks, its LoggingHook). In the order they act on a step: log it, stop on
+    bad steps, evaluate, save, answer a preemption, profile."""
+    import jax
+
+    from model.counts import flops_per_token
+    from train.distributed import global_data_state
+    from train.hooks import (BadStepHook, CheckpointHook, EvalHook, LoggingHook, PreemptionHook,
+                             ProfileHook)
+    from train.metrics import Progress
+
+    log = LoggingHook(writer, Progress(steps, start, enabled=main_process), cfg.log.log_every,
+                      tokens_per_step=cfg.data.global_batch * cfg.data.seq_len,
+                      flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["train"],
+                      peak_flops=cfg.log.peak_flops * len(jax.devices()))
+    hooks = [log, BadStepHook(cfg.train.max_bad_steps, say)]
+    if held_out:
+        from train.evaluate import make_evaluator
+
+        evaluate = make_evaluator(cfg, held_out, batch_sharding)
+        hooks.append(EvalHook(evaluate, writer, cfg.log.eval_every, steps, say))
+    save = None
+    if ckpt is not None:
+        save = CheckpointHook(ckpt, lambda: global_data_state(it.get_state()), say)
+        hooks.append(save)
+    hooks.append(PreemptionHook(preemption, save, say))
+    if profile:
+        prof = tuple(cfg.log.profile_steps or (3, 5))
+        hooks.append(ProfileHook(os.path.join(cfg.log.run_dir, "profile"), prof, start, say))
+    return hooks, log

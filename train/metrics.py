@@ -1,159 +1,55 @@
-"""Run observability without extra dependencies: JSON Lines metrics, TensorBoard event files,
-and a terminal progress bar.
+"""Where a run's numbers go: one writer interface, and the terminal progress bar.
 
-TensorBoard reads TFRecord files of `Event` protocol buffers; we write the few fields a scalar
-needs by hand (file_version, wall_time, step, summary.value{tag, simple_value}), framed as
-TFRecord (length, masked CRC-32C of the length, payload, masked CRC-32C of the payload).
+A writer has `write(step, record)` (a flat dict of numbers) and `close()`. `JsonlWriter` writes
+RUN_DIR/metrics.jsonl (and examples.jsonl), `TensorBoardWriter` event files through
+tensorboardX, `NullWriter` stands in on processes other than 0, `FanOut` sends a record to
+several. `Progress` is a tqdm bar on stderr whose ETA leaves out the first (compiling) step.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
+from typing import Protocol
 
 
-def _crc32c_table():
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
+class Writer(Protocol):
+    def write(self, step: int, record: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
-_CRC_TABLE = _crc32c_table()
+class NullWriter:
+    """Writes nothing: the writers of processes other than 0 (only process 0 logs)."""
 
-
-def crc32c(data: bytes) -> int:
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | wire) + payload
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-    return _field(number, 2, _varint(len(data)) + data)
-
-
-def event_bytes(wall_time: float, step: int, *, file_version: str | None = None,
-                scalars: dict[str, float] | None = None) -> bytes:
-    """Serialise one tensorflow.Event with scalar summary values."""
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _bytes_field(3, file_version.encode())
-    if scalars:
-        values = b"".join(_bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", v)))
-                          for tag, v in scalars.items())
-        msg += _bytes_field(5, values)
-    return msg
-
-
-class EventWriter:
-    """Appends scalar events to `<logdir>/events.out.tfevents.<time>.<host>`."""
-
-    def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.path = os.path.join(logdir, name)
-        self._f = open(self.path, "ab")
-        self._write(event_bytes(time.time(), 0, file_version="brain.Event:2"))
-
-    def _write(self, data: bytes) -> None:
-        header = struct.pack("<Q", len(data))
-        self._f.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        finite = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        self._write(event_bytes(time.time(), step, scalars=finite))
-        self._f.flush()
+    def write(self, step: int, record: dict) -> None:
+        pass
 
     def close(self) -> None:
-        self._f.close()
+        pass
 
 
-def read_events(path: str) -> list[tuple[int, dict[str, float]]]:
-    """Parse our own event files back (tests, plots): [(step, {tag: value})], CRCs checked."""
-    out = []
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos < len(data):
-        (n,) = struct.unpack_from("<Q", data, pos)
-        assert struct.unpack_from("<I", data, pos + 8)[0] == _masked_crc(data[pos:pos + 8])
-        payload = data[pos + 12:pos + 12 + n]
-        assert struct.unpack_from("<I", data, pos + 12 + n)[0] == _masked_crc(payload)
-        pos += 16 + n
-        out.append(_parse_event(payload))
-    return out
+class FanOut:
+    """One writer that writes each record to all of `writers` and closes them all."""
 
+    def __init__(self, *writers: Writer):
+        self.writers = writers
 
-def _read_varint(b: bytes, i: int) -> tuple[int, int]:
-    shift = n = 0
-    while True:
-        n |= (b[i] & 0x7F) << shift
-        shift += 7
-        i += 1
-        if not b[i - 1] & 0x80:
-            return n, i
+    def write(self, step: int, record: dict) -> None:
+        for w in self.writers:
+            w.write(step, record)
 
-
-def _fields(b: bytes):
-    i = 0
-    while i < len(b):
-        key, i = _read_varint(b, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            v, i = _read_varint(b, i)
-        elif wire == 1:
-            v, i = b[i:i + 8], i + 8
-        elif wire == 5:
-            v, i = b[i:i + 4], i + 4
-        else:
-            ln, i = _read_varint(b, i)
-            v, i = b[i:i + ln], i + ln
-        yield num, v
-
-
-def _parse_event(b: bytes) -> tuple[int, dict[str, float]]:
-    step, scalars = 0, {}
-    for num, v in _fields(b):
-        if num == 2:
-            step = v
-        elif num == 5:
-            for _, value in _fields(v):
-                parts = dict(_fields(value))
-                scalars[parts[1].decode()] = struct.unpack("<f", parts[2])[0]
-    return step, scalars
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
 
 
 class JsonlWriter:
-    """One JSON object per line. `resume_step=None` starts the file afresh (a new run); a step
-    number keeps the records up to that step (a run resumed from its checkpoint rewrites what
-    came after, and a line torn by a crash is dropped)."""
+    """One JSON object per line, `{"step": step, **record}`. `resume_step=None` starts the file
+    afresh (a new run); a step number keeps the records up to that step (a run resumed from its
+    checkpoint rewrites what came after, and a line torn by a crash is dropped)."""
 
     def __init__(self, path: str, resume_step: int | None = None):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -171,39 +67,63 @@ class JsonlWriter:
         self._f.writelines(kept)
         self._f.flush()
 
-    def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
+    def write(self, step: int, record: dict) -> None:
+        self._f.write(json.dumps({"step": step, **record}) + "\n")
         self._f.flush()
 
     def close(self) -> None:
         self._f.close()
 
 
-def _duration(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+class TensorBoardWriter:
+    """Scalars into `<logdir>/events.out.tfevents.*` through tensorboardX (a new file per run,
+    so a resumed run adds one). Non-finite values and non-numbers are left out."""
+
+    def __init__(self, logdir: str, flush_secs: int = 10):
+        from tensorboardX import SummaryWriter
+
+        self._w = SummaryWriter(logdir, flush_secs=flush_secs)
+
+    def write(self, step: int, record: dict) -> None:
+        for tag, v in record.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._w.add_scalar(tag, float(v), step)
+
+    def close(self) -> None:
+        self._w.close()
 
 
 class Progress:
-    """`step 120/300 [#####.....] loss 3.21 | 5.2k tok/s | ETA 1m23s` on one terminal line
-    (a line per update when stderr is not a terminal)."""
+    """`step 120/300 |#####     | 01:02, loss 3.2100, 5.2k tok/s, ETA 1:23` (tqdm, on stderr).
 
-    def __init__(self, total: int, start: int = 0, stream=sys.stderr, width: int = 24):
-        self.total, self.start, self.stream, self.width = total, start, stream, width
-        self.t0 = time.perf_counter()
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+    tqdm's own rate would count the first update, which includes the compile; the ETA here is
+    the remaining steps at the rate measured since the first update (unknown until the second)."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, file=None):
+        from tqdm import tqdm
+
+        self.total = total
+        self.bar = tqdm(total=total, initial=start, file=file or sys.stderr, disable=not enabled,
+                        mininterval=0, dynamic_ncols=True,
+                        bar_format="step {n_fmt}/{total_fmt} |{bar:24}| {elapsed}{postfix}")
+        self._first: tuple[float, int] | None = None  # (time, step) of the first update
+
+    def eta(self, step: int, now: float) -> float | None:
+        """Seconds left at the rate since the first update; None before a second one."""
+        if self._first is None or step <= self._first[1]:
+            return None
+        t0, s0 = self._first
+        return (self.total - step) * (now - t0) / (step - s0)
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        done = (step - self.start) / max(self.total - self.start, 1)
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / done * (1 - done) if done > 0 else 0.0
-        fill = int(self.width * step / max(self.total, 1))
-        line = (f"step {step}/{self.total} [{'#' * fill}{'.' * (self.width - fill)}] loss {loss:.4f} | "
-                f"{tokens_per_s / 1000:.1f}k tok/s | ETA {_duration(eta)}")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (now, step)
+        eta = self.eta(step, now)
+        left = "?" if eta is None else self.bar.format_interval(eta)
+        self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s / 1000:.1f}k tok/s, ETA {left}",
+                                 refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()

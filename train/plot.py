@@ -1,7 +1,8 @@
 """`python -m train.plot RUN_DIR [--out PATH]`: loss curves of a run as a PNG.
 
 Reads RUN_DIR/metrics.jsonl (written by the training loop) and draws the total loss and each
-loss term against the step, plus the learning rate. Needs matplotlib (`pip install
+loss term against the step, the held-out loss (`eval_loss` records, log.eval_every) as
+markers, plus the learning rate. Needs matplotlib (`pip install
 'deepflax[plot]'`); training itself does not.
 """
 from __future__ import annotations
@@ -30,12 +31,19 @@ def plot(run_dir: str, out: str | None = None) -> str:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("train.plot needs matplotlib: pip install 'deepflax[plot]'") from e
-    records = read_metrics(run_dir)
+    everything = read_metrics(run_dir)
+    records = [r for r in everything if "loss" in r]  # training steps
+    evals = [r for r in everything if "eval_loss" in r]  # their own records (train/hooks.py)
+    if not records:
+        raise FileNotFoundError(f"{run_dir}: metrics.jsonl has no training records yet")
     steps = [r["step"] for r in records]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     for term in TERMS:
         if term in records[0]:
             ax.plot(steps, [r[term] for r in records], label=term)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o--", color="black",
+                label="eval (held-out ce)")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(os.path.basename(os.path.abspath(run_dir)))
     ax.legend()
