@@ -137,6 +137,11 @@ class Fp8KeyStore:
         return (arr[0].at[page_M, off_M].set(codes, mode="drop"),
                 arr[1].at[page_M, off_M].set(scale, mode="drop"))
 
+    def roundtrip(self, x):
+        x = x.astype(F32)
+        scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-30) * F32(1 / 448)
+        return (x / scale).astype(jnp.float8_e4m3fn).astype(F32) * scale
+
 
 def window_store(spec: CacheSpec):
     """The window ring of every slot: one page of W tokens per slot."""

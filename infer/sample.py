@@ -6,6 +6,11 @@ temperature, cut to the top_k largest (0 = no cut) and to the smallest set of la
 whose probability reaches top_p (the most likely token always stays), then one token is drawn
 per sequence with jax.random.categorical. A run is reproducible from its seed: step i draws
 with jax.random.fold_in(key(seed), i).
+`generate` checks its inputs first (`check_inputs`: one-line ConfigErrors, nothing built yet),
+builds a cache for a context of max_len tokens (at most the model's maximum position,
+`max_positions`), prefills the prompts and decodes them as one batch; `speculative=True` decodes
+greedily with the MTP block's drafts (infer/speculative.py: the same tokens, fewer main-model
+steps when drafts are accepted); `on_token` streams the tokens as they are produced.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from flax import nnx
 from model.config import ConfigError
 
 from .cache import init_cache
+from .layout import unscan
 from .step import decode_jit, prefill
 
 F32 = jnp.float32
@@ -42,7 +48,17 @@ def sample(logits_BV, key, *, temperature: float = 0.0, top_k: int = 0, top_p: f
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 
-def _check(temperature, top_k, top_p, max_new_tokens):
+def max_positions(cfg) -> int:
+    """The longest sequence the model is built for: YaRN's extended context original_seq_len x
+    rope_factor (what model/export.py writes as HF's max_position_embeddings: 1M tokens for the
+    V4 presets, 4096 for tiny), or 65536 without YaRN (original_seq_len 0; export's default)."""
+    return int(cfg.original_seq_len * cfg.rope_factor) if cfg.original_seq_len else 65536
+
+
+def check_inputs(cfg, prompts, max_new_tokens: int, max_len: int | None = None, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, speculative: bool = False) -> int:
+    """Every check `generate` makes before building anything, each a one-line ConfigError
+    naming the value; returns the context max_len (default: longest prompt + max_new_tokens)."""
     if temperature < 0:
         raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
@@ -51,40 +67,98 @@ def _check(temperature, top_k, top_p, max_new_tokens):
         raise ConfigError(f"top_p: must be in (0, 1], got {top_p}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if speculative and temperature != 0:
+        raise ConfigError(f"speculative: greedy decoding only (temperature 0), got temperature {temperature}")
+    if speculative and cfg.n_mtp_layers < 1:
+        raise ConfigError("speculative: the model has no MTP block (n_mtp_layers=0) to draft with")
+    if len(prompts) == 0:
+        raise ConfigError("prompts: give at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ConfigError(f"prompts: prompt {i} is empty; every prompt needs at least one token")
+    bad = sorted({int(t) for p in prompts for t in p if not 0 <= int(t) < cfg.vocab_size})
+    if bad:
+        raise ConfigError(f"prompts: token ids {bad[:10]} are outside the vocabulary [0, {cfg.vocab_size})")
+    longest = max(len(p) for p in prompts)
+    what = f"max_len {max_len}" if max_len is not None else f"longest prompt {longest} + max_new_tokens {max_new_tokens}"
+    max_len = longest + max_new_tokens if max_len is None else int(max_len)
+    limit = max_positions(cfg)
+    if max_len > limit:
+        raise ConfigError(f"max_len: a context of {max_len} tokens ({what}) exceeds the model's maximum "
+                          f"position {limit} (original_seq_len x rope_factor); ask for fewer tokens")
+    if longest >= max_len:
+        i = next(i for i, p in enumerate(prompts) if len(p) == longest)
+        raise ConfigError(f"prompts: prompt {i} has {longest} tokens but the context max_len is {max_len}: "
+                          "no room for a new token; raise max_len or shorten the prompt")
+    return max_len
+
+
+class Outputs:
+    """The tokens produced so far. Sequence b ends after limit[b] tokens (max_new_tokens, or
+    what fits its context) or after a stop token (kept as its last token)."""
+
+    def __init__(self, lengths, max_new_tokens: int, max_len: int, stop_tokens, on_token):
+        self.tokens = [[] for _ in lengths]
+        self.limit = np.minimum(max_new_tokens, max_len - np.asarray(lengths))
+        self.done = np.zeros(len(lengths), bool)
+        self.stop, self.on_token = {int(t) for t in stop_tokens}, on_token
+
+    def emit(self, i: int, token: int) -> bool:
+        """Append `token` to sequence i (if not finished); returns whether it is finished."""
+        if not self.done[i]:
+            self.tokens[i].append(token)
+            self.done[i] = token in self.stop or len(self.tokens[i]) >= self.limit[i]
+            if self.on_token is not None:
+                self.on_token(i, token)
+        return bool(self.done[i])
 
 
 def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop_tokens=(), fp8: bool = False,
-             chunk: int | None = None, page_tokens: int | None = None) -> list[list[int]]:
+             chunk: int | None = None, page_tokens: int | None = None, max_len: int | None = None,
+             speculative: bool = False, on_token=None, stats: dict | None = None) -> list[list[int]]:
     """New tokens for each prompt (lists of ids, any lengths >= 1), decoded as one batch.
-    A sequence ends after max_new_tokens or after a token in `stop_tokens` (kept as its last
-    token); the others go on, the finished slot idles (position -1)."""
-    _check(temperature, top_k, top_p, max_new_tokens)
+    A sequence ends after max_new_tokens, when it fills the context `max_len` (the cache's size;
+    default: longest prompt + max_new_tokens), or after a token in `stop_tokens` (kept as its
+    last token); the others go on, the finished slot idles (position -1).
+    `speculative`: greedy decoding with MTP drafts (infer/speculative.py), same tokens.
+    `on_token(slot, token)` is called for every token as it is produced (streaming); `stats`
+    (a dict) receives steps (main-model passes after prefill) and, with speculative, drafted /
+    accepted / acceptance (accepted drafts per verified draft)."""
     cfg = model.cfg
+    max_len = check_inputs(cfg, prompts, max_new_tokens, max_len, temperature=temperature, top_k=top_k,
+                           top_p=top_p, speculative=speculative)
+    model = unscan(model)                              # layers sliced out of their stacks once
     lengths = np.array([len(p) for p in prompts], np.int32)
-    if len(prompts) == 0 or lengths.min() < 1:
-        raise ConfigError("prompts: give at least one prompt, each of at least one token")
-    bad = sorted({int(t) for p in prompts for t in p if not 0 <= int(t) < cfg.vocab_size})
-    if bad:
-        raise ConfigError(f"prompts: token ids {bad[:10]} are outside the vocabulary [0, {cfg.vocab_size})")
     b = len(prompts)
     ids = np.zeros((b, lengths.max()), np.int32)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
-    cache = init_cache(cfg, b, int(lengths.max()) + max_new_tokens, page_tokens=page_tokens, fp8=fp8)
+    cache = init_cache(cfg, b, max_len, page_tokens=page_tokens, fp8=fp8)
+    out = Outputs(lengths, max_new_tokens, max_len, stop_tokens, on_token)
+    stats = {} if stats is None else stats
+    if speculative:
+        from .speculative import speculative_decode
+        from .step import default_chunk
+
+        logits, cache, hidden = prefill(model, ids, cache, lengths, chunk=chunk, hidden=True)
+        steps, drafted, accepted = speculative_decode(model, cache, ids, lengths, logits, hidden, out,
+                                                      chunk or default_chunk(cfg))
+        stats.update(steps=steps, drafted=drafted, accepted=accepted,
+                     acceptance=accepted / drafted if drafted else 0.0)
+        return out.tokens
     logits, cache = prefill(model, ids, cache, lengths, chunk=chunk)
     graphdef, state = nnx.split(model)
-    key, stop = jax.random.key(seed), set(int(t) for t in stop_tokens)
-    out, done, pos = [[] for _ in range(b)], np.zeros(b, bool), lengths.copy()
+    key, pos, steps = jax.random.key(seed), lengths.copy(), 0
     for step in range(max_new_tokens):
         tok = np.asarray(sample(logits, jax.random.fold_in(key, step), temperature=float(temperature),
                                 top_k=int(top_k), top_p=float(top_p)))
-        for i in np.flatnonzero(~done):
-            out[i].append(int(tok[i]))
-            done[i] = int(tok[i]) in stop or len(out[i]) == max_new_tokens
-        if done.all():
+        for i in np.flatnonzero(~out.done):
+            out.emit(i, int(tok[i]))
+        if out.done.all():
             break
-        positions = np.where(done, -1, pos).astype(np.int32)
+        positions = np.where(out.done, -1, pos).astype(np.int32)
         logits, cache = decode_jit(graphdef, state, cache, jnp.asarray(tok), jnp.asarray(positions))
-        pos += 1
-    return out
+        pos, steps = pos + 1, steps + 1
+    stats["steps"] = steps
+    return out.tokens

@@ -19,6 +19,9 @@ training forward does, through Block.with_attention):
 4. One softmax over window + compressed candidates with the sink (Attention.attend_cached).
 Prefill chunks start at multiples of the chunk, itself a multiple of every ratio, so blocks never
 straddle chunks; a prompt's incomplete last block stays in the partial state for decoding.
+Several tokens per slot with deferred writes (speculative decoding's verify step): verify.py.
+Steps run fastest on a model whose layers are not stacked (infer.layout.unscan); decode steps
+compute routed experts by gathering them (infer/experts.py) when that reads less.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from model.layers import dtype_of, rope_angles
 from model.transformer import layer_block
 
 from .cache import Cache, entry_store, key_store, read_entries, window_store, write_entries
+from .experts import for_decoding
 
 F32 = jnp.float32
 
@@ -171,7 +175,8 @@ def attention(attn, x_BSD, lc, table, spec, pos_BS, valid_BS, start, lengths_B):
 
 # --- the whole model --------------------------------------------------------------------------
 def forward_cached(model, cache: Cache, ids_BS, pos_BS, valid_BS, start=None, lengths_B=None):
-    """Logits [B, S, V] of the new tokens and the updated cache (see `attention`)."""
+    """(logits [B, S, V] of the new tokens, the updated cache (see `attention`), the last
+    layer's residual streams [B, S, N, D]: what the MTP block reads)."""
     cfg, spec = model.cfg, cache.spec
     emb = model.embed[...][ids_BS].astype(dtype_of(cfg.dtype))
     x = jnp.broadcast_to(emb[:, :, None, :], (*ids_BS.shape, cfg.hc_mult, cfg.dim))
@@ -182,14 +187,15 @@ def forward_cached(model, cache: Cache, ids_BS, pos_BS, valid_BS, start=None, le
         x, lc, _ = layer_block(model, i).with_attention(x, ids_BS, attend)
         layers.append(lc)
     logits = model.logits(model.norm(model.hc_head(x)))
-    return logits, cache.replace(layers=tuple(layers))
+    return logits, cache.replace(layers=tuple(layers)), x
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=2)
 def decode_jit(graphdef, state, cache, tokens_B, positions_B):
     model = nnx.merge(graphdef, state)
     pos = positions_B.astype(jnp.int32)[:, None]
-    logits, cache = forward_cached(model, cache, tokens_B.astype(jnp.int32)[:, None], pos, pos >= 0)
+    with for_decoding(model.cfg, pos.shape[0]):
+        logits, cache, _ = forward_cached(model, cache, tokens_B.astype(jnp.int32)[:, None], pos, pos >= 0)
     return logits[:, 0], cache
 
 
@@ -219,13 +225,14 @@ def decode_step(model, cache: Cache, tokens_B, positions_B):
 
 
 def prefill(model, ids_BS, cache: Cache, lengths_B=None, *, chunk: int | None = None,
-            all_logits: bool = False):
+            all_logits: bool = False, hidden: bool = False):
     """Process prompts from position 0: row b of ids_BS (left-aligned, padded) holds a prompt of
     lengths_B[b] tokens (default: the whole row; 0 leaves the slot untouched, so one slot can
     start a new sequence while the others are mid-decode). Chunks of `chunk` tokens (a multiple
     of every compression ratio) bound the attention logits to chunk x (window + chunk + entries).
     Returns (logits of each prompt's last token [B, V], or of every position [B, S, V] with
-    all_logits, cache); the cache passed in is donated."""
+    all_logits, cache), and with `hidden` a third item: the last layer's residual streams of
+    every position [B, S, N, D] (the MTP block's input); the cache passed in is donated."""
     import numpy as np
 
     from model.config import ConfigError
@@ -245,17 +252,18 @@ def prefill(model, ids_BS, cache: Cache, lengths_B=None, *, chunk: int | None = 
     ids = np.pad(ids, ((0, 0), (0, n * chunk - s)))
     graphdef, state = nnx.split(model)
     lengths_j = jnp.asarray(lengths)
-    outs, last = [], jnp.zeros((b, cfg.vocab_size), F32)
+    outs, hs, last = [], [], jnp.zeros((b, cfg.vocab_size), F32)
     for c in range(n):
         if not (lengths > c * chunk).any():
             break
-        logits, cache = prefill_jit(graphdef, state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
-                                    jnp.int32(c * chunk), lengths_j)
+        logits, cache, h = prefill_jit(graphdef, state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
+                                       jnp.int32(c * chunk), lengths_j)
         i = lengths - 1 - c * chunk
         here = jnp.asarray((i >= 0) & (i < chunk))
         last = jnp.where(here[:, None], logits[jnp.arange(b), jnp.asarray(np.clip(i, 0, chunk - 1))], last)
         if all_logits:
             outs.append(logits)
-    if all_logits:
-        return jnp.concatenate(outs, axis=1)[:, :s], cache
-    return last, cache
+        if hidden:
+            hs.append(h)
+    out = (jnp.concatenate(outs, axis=1)[:, :s] if all_logits else last, cache)
+    return out + (jnp.concatenate(hs, axis=1)[:, :s],) if hidden else out

@@ -1,12 +1,19 @@
-"""Decoding (infer/) against the training forward `model(ids)[0]`, the independent reference.
+"""Decoding (infer/) against the training forward `model(ids)`, the independent reference.
 
-The tiny preset (window 16; CSA ratio 4 with index_topk 4; HCA ratio 16) over 56 tokens: the
-window ring wraps three times, CSA layers see up to 14 blocks of which the indexer keeps 4, HCA
-layers see 3. Float caches must reproduce the forward's logits to float32 rounding (1e-5 of
-the largest logit: the two paths sum the same terms in a different order); FP8 caches are
-checked byte for byte against infer.kvformat and numerically with an FP8-sized tolerance.
+The tiny preset (window 16; CSA ratio 4 with index_topk 4; HCA ratio 16; one MTP block) over 56
+tokens: the window ring wraps three times, CSA layers see up to 14 blocks of which the indexer
+keeps 4, HCA layers see 3. Float caches must reproduce the forward's logits to float32 rounding
+(1e-5 of the largest logit: the two paths sum the same terms in a different order); FP8 caches
+are checked byte for byte against infer.kvformat and numerically with an FP8-sized tolerance.
+Greedy generation is checked against Hugging Face transformers' `generate`, speculative
+decoding against plain greedy decoding, sharded decoding against one device, and the CLI
+in-process. Compiles dominate the time: the tests share the module fixtures and the cache /
+chunk sizes (3 slots, 56 tokens, pages of 16, chunks of 32), so most steps compile once.
 """
 import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +24,7 @@ from flax import nnx
 
 from infer import kvformat
 from infer.cache import init_cache
+from infer.layout import unscan
 from infer.pages import PageAllocator, PoolExhausted
 from infer.sample import generate
 from infer.step import decode_step, prefill
@@ -26,8 +34,15 @@ from model.config import ConfigError
 L = 56                      # every test sequence's full length
 
 
-def forward(m, ids):
-    return np.asarray(nnx.jit(lambda m, x: m(x)[0])(m, jnp.asarray(ids)))
+@nnx.jit
+def _forward(m, ids):
+    logits, aux = m(ids)
+    return logits, (aux.mtp_logits[0] if aux.mtp_logits else logits)
+
+
+def forward(m, ids, mtp=False):
+    """The training forward's logits [B, S, V] (with mtp: the MTP block's, predicting t + 2)."""
+    return np.asarray(_forward(m, jnp.asarray(ids))[int(mtp)])
 
 
 def close(got, ref, scale, rtol=1e-5):
@@ -36,8 +51,8 @@ def close(got, ref, scale, rtol=1e-5):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = preset("tiny", n_mtp_layers=0)     # decoding never runs the MTP block
-    m = build(cfg, rngs=nnx.Rngs(0))
+    cfg = preset("tiny")                     # with its MTP block (speculative decoding)
+    m = unscan(build(cfg, rngs=nnx.Rngs(0)))  # as generate runs it: one compile of each step
     ids = np.asarray(jax.random.randint(jax.random.key(1), (3, L), 0, cfg.vocab_size))
     return cfg, m, ids, forward(m, ids)
 
@@ -216,7 +231,17 @@ def gen(m, **kw):
     return generate(m, PROMPTS, L - 24, chunk=32, page_tokens=16, **kw)
 
 
-def test_greedy_is_argmax_of_forward(tiny):
+def test_greedy_is_argmax_of_forward_and_hf_generate(tiny):
+    """Greedy decoding of 3 prompts (24, 3 and 17 tokens) as one batch, 32 new tokens: the
+    argmax of the forward at every step, and the tokens of transformers' DeepseekV4ForCausalLM
+    `generate` on the same weights (model.export's HF config and tensors, float32), run one
+    prompt at a time (no padding). No step is decided by rounding: the top-2 logit margin is
+    > 1e-4 at every step (measured >= 2e-3; the logits are ~0.6)."""
+    torch = pytest.importorskip("torch")
+    import hf_oracle as O
+    from model.export import hf_config
+    from model.hf import hf_tensors
+
     cfg, m, _, _ = tiny
     out = gen(m)
     ids = np.zeros((3, L), np.int32)
@@ -225,7 +250,21 @@ def test_greedy_is_argmax_of_forward(tiny):
         ids[b, : len(p) + len(o)] = p + o
     ref = forward(m, ids)
     for b, (p, o) in enumerate(zip(PROMPTS, out)):
-        np.testing.assert_array_equal(ref[b, len(p) - 1: len(p) + len(o) - 1].argmax(-1), o)
+        steps = ref[b, len(p) - 1: len(p) + len(o) - 1]
+        np.testing.assert_array_equal(steps.argmax(-1), o)
+        top2 = np.sort(steps, axis=-1)[:, -2:]
+        assert (top2[:, 1] - top2[:, 0]).min() > 1e-4
+    hf, _ = O.build_hf_model(hf_config(cfg), seed=0)
+    hf.load_state_dict({k: torch.tensor(v) for k, v in hf_tensors(m).items()})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # next to JAX's threads more of them only oversubscribe the cores
+    try:
+        for p, o in zip(PROMPTS, out):
+            got = hf.generate(torch.tensor([p]), max_new_tokens=len(o), do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+            assert got[0, len(p):].tolist() == o
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sampling_controls(tiny):
@@ -246,6 +285,10 @@ def test_sampling_controls(tiny):
         assert out[b] == greedy[b][:cut]
     with pytest.raises(ConfigError, match="top_p"):
         gen(m, top_p=0.0)
+    # streaming: on_token sees every token as it is produced, step by step across the slots
+    seen = []
+    assert gen(m, on_token=lambda i, t: seen.append((i, t))) == greedy
+    assert seen[:3] == [(b, greedy[b][0]) for b in range(3)] and len(seen) == sum(map(len, greedy))
 
 
 def test_memory_report_by_hand(capsys):
@@ -261,3 +304,226 @@ def test_memory_report_by_hand(capsys):
     assert f"| v4-flash MODEL1 (FP8) | {flash:,.0f} | {flash * n / 2**30:,.2f} | {flash / 70272:.1%} |" in out
     assert "| DeepSeek-V3 MLA, bf16 | 70,272 |" in out
     assert memory(["--context", "0"]) == 2
+
+
+# --- speculative decoding with the MTP block -----------------------------------------------------
+SPEC_PROMPTS = [[7, 8, 9], [100] * 9, list(range(1, 25))]
+
+
+def fit_mtp(m, seqs, lens, steps=40):
+    """A copy of `m` whose MTP block alone is trained (Adam, full batch) to predict token t + 2
+    of `seqs` from the main model's streams: the stand-in for a trained model's MTP block."""
+    import optax
+
+    from model.layers import rope_angles
+
+    cfg, (b, s) = m.cfg, seqs.shape
+    _, _, h = prefill(m, seqs, init_cache(cfg, b, s, page_tokens=16), lens, chunk=32, hidden=True)
+    graphdef, params, rest = nnx.split(m.mtp[0], nnx.Param, ...)
+    pos = jnp.arange(s - 1)
+    angles = (rope_angles(cfg, pos, False), rope_angles(cfg, pos, True))
+    ids, embed, head = jnp.asarray(seqs), m.embed[...], m.head.w[...]
+    mask = jnp.arange(2, s)[None, :] < jnp.asarray(lens)[:, None]
+    tx = optax.adam(1e-2)
+
+    def loss(params):
+        nxt = ids[:, 1:]
+        _, y, _ = nnx.merge(graphdef, params, rest)(h[:, :-1], embed[nxt], nxt, pos, angles, 0 * nxt)
+        logp = jax.nn.log_softmax(y[:, :-1] @ head)
+        return -jnp.sum(jnp.take_along_axis(logp, ids[:, 2:, None], -1)[..., 0] * mask) / jnp.sum(mask)
+
+    @jax.jit
+    def step(params, opt):
+        upd, opt = tx.update(jax.grad(loss)(params), opt, params)
+        return optax.apply_updates(params, upd), opt
+
+    opt = tx.init(params)
+    for _ in range(steps):
+        params, opt = step(params, opt)
+    trained = nnx.clone(m)
+    nnx.update(trained.mtp[0], params)
+    return trained
+
+
+def test_speculative_step_commits_only_accepted_tokens(tiny):
+    """One verify step over [token, draft] per slot: slot 0's draft is the greedy token
+    (accepted), slot 1's is not (rejected), slot 2 idles. The cache afterwards is plain
+    decoding's (two steps for slot 0, one for slot 1), although slot 1's rejected token at
+    position 15 completes a CSA and an HCA block: nothing of it is written. The MTP drafts (after
+    the prompt, and after the step) are the training forward's MTP argmax."""
+    from infer.speculative import mtp_prefill, mtp_ring, spec_step_jit
+
+    cfg, m, ids, _ = tiny
+    lens = np.array([30, 14, 20])
+    cache = init_cache(cfg, 3, L, page_tokens=16)
+    logits, cache, hidden = prefill(m, ids, cache, lens, chunk=32, hidden=True)
+    tok = np.asarray(jnp.argmax(logits, -1))
+    ring, first = mtp_prefill(m, mtp_ring(cache), hidden, ids, lens, tok, 32)
+    l1, plain = decode_step(m, jax.tree.map(jnp.copy, cache), tok, [30, 14, -1])
+    g0 = np.asarray(jnp.argmax(l1, -1))
+    l2, plain = decode_step(m, plain, g0, [31, -1, -1])
+    g1 = np.asarray(jnp.argmax(l2, -1))
+    draft = np.array([g0[0], (g0[1] + 1) % cfg.vocab_size, 0])
+    g, acc, drafts, spec, _ = spec_step_jit(*nnx.split(m), cache, ring, jnp.asarray(tok), jnp.asarray(draft),
+                                            jnp.asarray([30, 14, -1]))
+    assert np.asarray(acc).tolist() == [True, False, False]
+    assert np.asarray(g)[0].tolist() == [g0[0], g1[0]] and int(g[1, 0]) == g0[1]
+    for got, want in zip(jax.tree.leaves(spec), jax.tree.leaves(plain)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        close(got, want, np.abs(want[np.isfinite(want)]).max(initial=1.0))
+    seqs = ids.copy()
+    seqs[np.arange(3), lens] = tok
+    seqs[[0, 1], [31, 15]] = g0[:2]
+    seqs[0, 32] = g1[0]
+    mtp = forward(m, seqs, mtp=True)              # position t predicts token t + 2
+    np.testing.assert_array_equal(np.asarray(first), mtp[np.arange(3), lens - 1].argmax(-1))
+    assert np.asarray(drafts)[:2].tolist() == [mtp[0, 31].argmax(), mtp[1, 14].argmax()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """The tiny model with its MTP block fitted to the greedy continuations of PROMPTS."""
+    cfg, m, _, _ = tiny
+    seqs, lens = np.zeros((3, L), np.int32), []
+    for b, (p, o) in enumerate(zip(PROMPTS, gen(m))):
+        seqs[b, : len(p) + len(o)] = p + o
+        lens.append(len(p) + len(o))
+    return fit_mtp(m, seqs, np.array(lens))
+
+
+def test_speculative_equals_greedy(tiny, trained):
+    """Speculative decoding gives plain greedy decoding's tokens: with the random MTP block
+    (drafts rejected) and with the fitted one on other prompts (some drafts accepted, some
+    rejected: fewer main-model steps), also when a stop token ends a sequence."""
+    cfg, m, _, _ = tiny
+    kw = dict(max_len=L, chunk=32, page_tokens=16)
+    for model, prompts in ((m, PROMPTS), (trained, SPEC_PROMPTS)):
+        plain, stats = generate(m, prompts, 32, **kw), {}
+        assert generate(model, prompts, 32, speculative=True, stats=stats, **kw) == plain
+        print("MTP drafts accepted:", stats)
+    assert 0 < stats["acceptance"] < 1 and stats["steps"] < 31
+    stop = [plain[2][5]]
+    assert (generate(trained, SPEC_PROMPTS, 32, speculative=True, stop_tokens=stop, **kw)
+            == generate(m, SPEC_PROMPTS, 32, stop_tokens=stop, **kw))
+    with pytest.raises(ConfigError, match="greedy"):
+        generate(m, PROMPTS, 4, temperature=1.0, speculative=True)
+
+
+# --- several devices ----------------------------------------------------------------------------
+@pytest.mark.parametrize("axes", [dict(data=2, expert=2, tensor=2),
+                                  pytest.param(dict(data=1, expert=8), marks=pytest.mark.slow)],
+                         ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()))
+def test_sharded_decode_equals_single_device(tiny, axes):
+    """A 3-layer tiny model (window + hash routing, CSA, HCA; fewer layers than the fixture
+    because the sharded steps' compile time grows with them) placed on 8 devices by parallel/'s
+    rules (expert-parallel MoE, heads and vocabulary over tensor, the batch over data x expert;
+    with device_put rather than create_sharded's jitted initialiser, an 18 s compile), the steps
+    traced under parallel.sharded: prefill + 3 decode steps give the single-device forward's
+    logits (which single-device decoding reproduces, above) to 1e-5 of the largest logit. The
+    window rings and compressor states follow the batch's sharding."""
+    from parallel import MeshConfig, Rules, make_mesh, sharded, shardings
+
+    cfg = preset("tiny", n_layers=3, compress_ratios=(0, 4, 16), n_hash_layers=1, n_mtp_layers=0)
+    _, _, ids, _ = tiny
+    m = build(cfg, rngs=nnx.Rngs(0))
+    ref = forward(m, ids)
+    b = 8 if axes["expert"] == 8 else 4
+    rows, lens = np.arange(b) % 3, np.array([21, 9, 34, 16, 30, 5, 40, 12])[:b]
+    rules = Rules()
+    mesh = make_mesh(MeshConfig(**axes), cfg, global_batch=b)
+    graphdef, state = nnx.split(m)
+    m = nnx.merge(graphdef, jax.device_put(state, shardings(mesh, rules.param_specs(m))))
+    assert m.head.w.get_value().sharding.spec == rules.spec(("embed", "vocab"))
+    scale = np.abs(ref).max()
+    with sharded(mesh, rules):
+        logits, cache = prefill(m, ids[rows], init_cache(cfg, b, L, page_tokens=16), lens, chunk=32)
+        close(logits, ref[rows, lens - 1], scale)
+        for p in lens[None, :] + np.arange(3)[:, None]:
+            logits, cache = decode_step(m, cache, ids[rows, p], p)
+            close(logits, ref[rows, p], scale)
+    assert logits.sharding.mesh == mesh and not cache.layers[1]["win"].sharding.is_fully_replicated
+
+
+# --- python -m infer ------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ["--config", str(ROOT / "configs/tiny.yaml"), "model.dtype=float32"]   # the `tiny` fixture's model
+
+
+def cli(capsys, *args):
+    from infer.__main__ import main
+
+    code = main([*CLI, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
+    """Each mistake: `error: <what>` on one stderr line, exit status 2, nothing built."""
+    from train.config import format_config, load_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(format_config(load_run_config(str(ROOT / "configs/tiny.yaml"))))
+    (tmp_path / "bad.jsonl").write_text("prompt: a\n")
+    cases = {
+        "prompt 0 has 6 tokens but the context max_len is 4": ["--prompt", "abcdef", "--max-len", "4"],
+        "exceeds the model's maximum position 4096": ["--prompt", "a", "--max-new-tokens", "5000"],
+        "prompt 1 is empty": ["--prompt", "a", "--prompt", ""],
+        "token ids [169, 195] are outside the vocabulary [0, 128)": ["--prompt", "\u00e9",
+                                                                     "model.vocab_size=128"],
+        "the run has no checkpoint yet": ["--run", str(run), "--prompt", "a"],
+        "no config.yaml": ["--run", str(tmp_path), "--prompt", "a"],
+        "line 1: not JSON": ["--batch-file", str(tmp_path / "bad.jsonl")],
+    }
+    for msg, args in cases.items():
+        code, out, err = cli(capsys, *args)
+        assert (code, out) == (2, "") and err.startswith("error: ") and err.count("\n") == 1, (args, err)
+        assert msg in err, err
+
+
+def test_cli_streams_one_prompt(capsys, monkeypatch):
+    """One prompt: its text is printed as the tokens come, each piece when its token arrives (a
+    split UTF-8 character when its last byte does), not once at the end. (generate calls
+    on_token as it produces each token: test_sampling_controls.)"""
+    import infer.sample
+
+    produced, writes, word = [0], [], list("n\u00e9!".encode())      # the e-acute is two bytes
+
+    def fake_generate(model, prompts, max_new_tokens, *, on_token=None, **kw):
+        for t in word:
+            produced[0] += 1
+            on_token(0, t)
+        return [word]
+
+    class Out:
+        def write(self, s):
+            if s:
+                writes.append((produced[0], s))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(infer.sample, "generate", fake_generate)
+    monkeypatch.setattr(sys, "stdout", Out())
+    code, _, err = cli(capsys, "--prompt", "To be", "--max-new-tokens", "4")
+    assert code == 0 and "random weights" in err
+    assert writes == [(0, "To be"), (1, "n"), (3, "\u00e9"), (4, "!"), (4, "\n")]
+
+
+def test_cli_batch_file(tiny, capsys, tmp_path):
+    """--batch-file: a text file (one prompt a line) or JSONL ("prompt" fields), decoded as one
+    batch; --speculative gives the same completions and reports the acceptance rate."""
+    from train.tokenizer import ByteTokenizer
+
+    cfg, m, _, _ = tiny
+    texts = ["To be, or not", "ROMEO:", "What light through yonder"]
+    want = generate(m, [list(t.encode()) for t in texts], 32, max_len=L, chunk=32, page_tokens=16,
+                    stop_tokens=[257])
+    rows = [{"prompt": t, "completion": ByteTokenizer().decode(o)} for t, o in zip(texts, want)]
+    (tmp_path / "p.txt").write_text("\n".join(texts) + "\n\n")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    sizes = ["--max-new-tokens", "32", "--max-len", str(L), "--chunk", "32", "--page-tokens", "16"]
+    for name, extra in (("p.txt", []), ("p.jsonl", ["--speculative"])):
+        code, out, err = cli(capsys, "--batch-file", str(tmp_path / name), *sizes, *extra)
+        assert code == 0 and [json.loads(line) for line in out.splitlines()] == rows
+    assert "MTP drafts accepted" in err
