@@ -102,6 +102,22 @@ def initialize(launch: Launch, timeout_s: int = 300) -> None:
             "coordinator's port is reachable from every host") from e
 
 
+def compile_together(jitted, *args, name: str, timeout_s: int = 3600):
+    """`jitted` compiled for `args` (`jitted.lower(*args).compile()`), returned once every
+    process has compiled it. Compile times differ between processes (one finds the program in
+    the persistent compilation cache, another compiles it for minutes), and the first
+    collective of a step on CPU waits only 30 s for gloo's peers: so the processes meet at a
+    coordination-service barrier, which waits up to `timeout_s`, before any of them runs it."""
+    import jax
+
+    compiled = jitted.lower(*args).compile()
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.sync_global_processes(f"deepflax-compiled-{name}", timeout=timeout_s)
+    return compiled
+
+
 def config_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

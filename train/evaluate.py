@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train.distributed import compile_together
 from train.step import COUNTED, denominators, make_forward, micro_split
 
 KEYS = ("inputs", "targets", "segment_ids", "loss_mask")
@@ -52,12 +53,16 @@ def make_evaluator(run_cfg, batches: Sequence[dict], sharding) -> Callable:
     from model import abstract
 
     graphdef = nnx.split(abstract(run_cfg.model), nnx.Param, ...)[0]
-    step = jax.jit(make_eval_step(graphdef, run_cfg))
+    jitted, compiled = jax.jit(make_eval_step(graphdef, run_cfg)), []
 
     def evaluate(state):  # a train/state.py TrainState
         put = lambda b: {k: jax.make_array_from_process_local_data(sharding, np.asarray(b[k]))  # noqa: E731
                          for k in KEYS}
-        sums = [step(state.params, state.rest, put(b)) for b in batches]
+        device_batches = [put(b) for b in batches]
+        if not compiled:  # every process compiles before any runs it (see compile_together)
+            compiled.append(compile_together(jitted, state.params, state.rest, device_batches[0],
+                                             name="eval-step"))
+        sums = [compiled[0](state.params, state.rest, b) for b in device_batches]
         ce, tokens = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
         return float(ce / max(tokens, 1.0)), float(tokens)
 

@@ -16,6 +16,7 @@ not be written or no usable checkpoint; 5 the processes of a job could not form 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -245,6 +246,7 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     import jax
 
     from parallel import sharded
+    from train.distributed import compile_together
     from train.hooks import BadStepHook
     from train.loop import run_loop
 
@@ -268,11 +270,15 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     writer, examples = _writers(cfg, start, main_process)
     try:
         with sharded(mesh, rules, cfg.train.moe_transport, cfg.train.capacity_factor):
-            jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
+            batches = _batches(it, batch_sharding, examples, start)
+            first = next(batches)
+            jstep = compile_together(
+                jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None)),
+                state, first, name="train-step")
             hooks, log = _hooks(cfg, profile, start, steps, ckpt, it, held_out, batch_sharding,
                                 preemption, writer, main_process, say)
-            _, _, stopper = run_loop(state, jstep, _batches(it, batch_sharding, examples, start),
-                                     hooks, start, steps)
+            _, _, stopper = run_loop(state, jstep, itertools.chain([first], batches), hooks,
+                                     start, steps)
     finally:
         writer.close()
         examples and examples.close()
