@@ -31,6 +31,7 @@ from train.checkpoint import (CheckpointError, Checkpointer, ModelMismatch, fing
                               leaf_paths)
 from train.config import load_run_config
 from train.main import setup
+from trainer_env import trainer_env
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -60,10 +61,7 @@ def overrides(work, run_dir, *extra):
 
 def launch(work, run_dir, *extra, env=None, preexec=None):
     cmd = [sys.executable, "-m", "train", "--config", TINY, *overrides(work, run_dir, *extra)]
-    full_env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # conftest's cache
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(env or {})}
-    full_env.pop("XLA_FLAGS", None)  # the trainer sets its own device count (train.devices)
-    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(**(env or {})), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, preexec_fn=preexec)
 
 

@@ -3,7 +3,6 @@
 Every test builds its own tiny corpus in tmp_path, so the expected tokens are known by hand.
 """
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from model.config import ConfigError
 from train.data import (DataConfig, DataError, ProcessIterator, describe_corpus, load_documents,
                         make_eval_batches, make_iterator, write_arrayrecord)
 from train.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer
+from trainer_env import trainer_env
 
 BYTE = ByteTokenizer()
 PAD, EOS = BYTE.pad_id, BYTE.eos_id
@@ -409,12 +409,11 @@ def test_globs_expand_in_sorted_order(tmp_path):
 
 
 def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
          "data.paths=[missing.jsonl]", f"log.run_dir={tmp_path / 'run'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "no such file" in line]

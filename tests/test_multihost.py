@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from train.distributed import DistributedError, Launch, detect
+from trainer_env import trainer_env
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -48,12 +49,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env():
-    e = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    e.pop("XLA_FLAGS", None)
-    return e
-
-
 def start(run_dir, *extra, processes=2, timeout=120, per_process=()):
     """Launch the trainer: 1 process x 8 devices, or `processes` x 8/processes devices."""
     port, procs = free_port(), []
@@ -63,7 +58,7 @@ def start(run_dir, *extra, processes=2, timeout=120, per_process=()):
         cmd = [sys.executable, "-m", "train", "--config", TINY, *dist, *COMMON,
                f"train.devices={8 // processes}", f"log.run_dir={run_dir}", *extra,
                *(per_process[i] if per_process else ())]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     return procs
 

@@ -105,16 +105,15 @@ def single_device_steps():
     tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
     graphdef, state = init_state(model, tx)
     one = jax.jit(make_train_step(graphdef, tx, cfg))
-    return cfg, graphdef, state, one, first_batch(cfg)
+    batch = first_batch(cfg)
+    grads = jax.jit(make_grad_fn(graphdef, cfg))(state.params, state.rest, batch, state.step)
+    return cfg, graphdef, state, one, batch, grads  # grads: one batch, no remat
 
 
 def test_gradient_accumulation_equals_one_big_batch(single_device_steps):
-    cfg, graphdef, state, _, batch = single_device_steps
-    grads = {}
-    for m in (1, 4):
-        fn = make_grad_fn(graphdef, small_cfg(f"train.micro_batches={m}"))
-        grads[m] = jax.jit(fn)(state.params, state.rest, batch, state.step)
-    (g1, s1, *_, c1, _), (g4, s4, *_, c4, _) = grads[1], grads[4]
+    _, graphdef, state, _, batch, (g1, s1, *_, c1, _) = single_device_steps
+    fn = make_grad_fn(graphdef, small_cfg("train.micro_batches=4"))
+    g4, s4, *_, c4, _ = jax.jit(fn)(state.params, state.rest, batch, state.step)
     for k in s1:
         np.testing.assert_allclose(s1[k], s4[k], rtol=1e-5, err_msg=k)
     np.testing.assert_array_equal(c1, c4)
@@ -127,12 +126,11 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_steps):
 def test_remat_gives_the_same_gradients(single_device_steps):
     """model.remat=full recomputes each block's forward in the backward: the gradients equal
     remat=none's (float32; save_matmuls takes the same nnx.remat path with a policy)."""
-    cfg, graphdef, state, _, batch = single_device_steps
+    _, _, state, _, batch, grads = single_device_steps
     full = small_cfg("optim.weight_decay=0.0", "model.remat=full")
     gdef = nnx.split(build(full.model, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
-    args = (state.params, state.rest, batch, state.step)
-    want = jax.tree.leaves(jax.jit(make_grad_fn(graphdef, cfg))(*args)[0])
-    got = jax.tree.leaves(jax.jit(make_grad_fn(gdef, full))(*args)[0])
+    want = jax.tree.leaves(grads[0])
+    got = jax.tree.leaves(jax.jit(make_grad_fn(gdef, full))(state.params, state.rest, batch, state.step)[0])
     scale = max(float(jnp.abs(x).max()) for x in want)
     for x, y in zip(want, got):  # per leaf, relative to the leaf (floored at 1% of the largest)
         assert float(jnp.abs(x - y).max()) <= 1e-5 * max(float(jnp.abs(x).max()), 0.01 * scale)
@@ -141,7 +139,7 @@ def test_remat_gives_the_same_gradients(single_device_steps):
 def test_muon_and_adamw_step_sizes(single_device_steps):
     """First step, no weight decay: a Muon matrix moves by an RMS of lr * 0.18 (orthogonalised
     and rescaled); an AdamW parameter by about lr per element (Adam's first step)."""
-    cfg, _, state, one, batch = single_device_steps
+    cfg, _, state, one, batch, _ = single_device_steps
     new, _ = one(state, batch)
     lr = cfg.optim.lr
     dq = new.params["segments"][2]["blocks"][0]["attn"]["wq_a"]["w"] - state.params["segments"][2]["blocks"][0]["attn"]["wq_a"]["w"]
@@ -184,7 +182,8 @@ def test_bias_update_moves_load_towards_balance():
 # float32 compute, so the golden losses hold to a tight tolerance (bfloat16 rounding would move
 # them by ~1e-3 under any change of XLA's fusion); 5% of the documents held out, evaluated at 4, 8
 SHORT = ["train.steps=8", "optim.warmup_steps=2", "log.log_every=1", "log.profile_steps=[2,3]",
-         "model.dtype=float32", "data.eval_fraction=0.05", "log.eval_every=4"]
+         "model.dtype=float32", "data.seq_len=64", "data.global_batch=8", "data.eval_fraction=0.05",
+         "log.eval_every=4"]
 GOLDEN = os.path.join(ROOT, "tests", "assets", "tiny_golden_loss.json")
 GOLDEN_RTOL = 1e-4  # float32 on CPU; see test_losses_match_the_golden_file
 
