@@ -264,6 +264,7 @@ def _no_dac_override():
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+@pytest.mark.multiprocess
 def test_read_only_directory_is_reported_before_training(work, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -291,6 +292,7 @@ except CheckpointError as e:
 """
 
 
+@pytest.mark.multiprocess
 def test_failing_background_write_surfaces(tmp_path):
     """The file-size limit makes the array write fail inside Orbax's background thread, as a
     full disk would; the error must reach the caller at close() (or the next save)."""
@@ -305,6 +307,8 @@ def test_failing_background_write_surfaces(tmp_path):
 
 
 # --- subprocess: kill -9, SIGTERM, resume ---------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_kill_and_sigterm_then_resume_bit_for_bit(work, reference):
     run_dir = work / "interrupted"
     rng = random.Random(1)
@@ -343,6 +347,8 @@ def test_kill_and_sigterm_then_resume_bit_for_bit(work, reference):
     assert records(run_dir, "examples.jsonl") == records(reference, "examples.jsonl")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_every_document_once_per_epoch(work, reference):
     """The examples log (equal across the interrupted run, above) shows epoch 1 complete before
     any document repeats, each document in one contiguous run of steps."""
@@ -365,6 +371,8 @@ def test_every_document_once_per_epoch(work, reference):
     assert all(len(runs(s)) <= 2 for s in seen.values())
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_nan_steps_are_skipped_and_k_of_them_stop_the_run(work):
     run_dir = work / "nan"
     code, out = finish(launch(work, run_dir, "checkpoint.interval_steps=1", "checkpoint.keep=30",
@@ -377,6 +385,7 @@ def test_nan_steps_are_skipped_and_k_of_them_stop_the_run(work):
     assert "step 4: not checkpointed" in out
 
 
+@pytest.mark.slow
 def test_nan_step_leaves_the_state_bit_for_bit(work):
     """One jitted step with NaN gradients injected: params, biases and optimiser state are the
     input's exactly; step advances, both bad-step counters count it."""
@@ -407,6 +416,8 @@ def data8(work):
     return run_dir
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_restore_onto_other_meshes_is_exact(work, data8):
     cfg = load_run_config(TINY, overrides(work, work / "unused"))
     restored = {}
@@ -421,6 +432,8 @@ def test_restore_onto_other_meshes_is_exact(work, data8):
     assert_same(restored["d2e2t2"], restored["4 devices"])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mesh", [("mesh.data=2", "mesh.expert=2", "mesh.tensor=2"),
                                   ("train.devices=4", "mesh.data=2", "mesh.expert=2", "mesh.tensor=1")],
                          ids=["d2e2t2", "4devices"])

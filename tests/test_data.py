@@ -408,6 +408,7 @@ def test_globs_expand_in_sorted_order(tmp_path):
     assert load_documents(cfg) == ["first", "second"]
 
 
+@pytest.mark.multiprocess
 def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run(

@@ -89,6 +89,8 @@ def two_processes(tmp_path_factory):
     return run_dir, outs
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_equal_one(one_process, two_processes):
     run_dir, outs = two_processes
     assert "explicit: process 1 of 2" in outs[1]
@@ -107,6 +109,8 @@ def _resume(tmp_path, source, step, processes):
     return losses(run_dir)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_checkpoints_cross_process_counts(one_process, two_processes, tmp_path):
     two_dir, _ = two_processes
     want = losses(one_process)
@@ -116,6 +120,8 @@ def test_checkpoints_cross_process_counts(one_process, two_processes, tmp_path):
         np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
     run_dir = tmp_path / "term"
     procs = start(run_dir, "checkpoint.interval_steps=100")
@@ -131,6 +137,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
     assert saved < STEPS and os.listdir(run_dir / "checkpoints") == [str(saved)]
 
 
+@pytest.mark.multiprocess
 def test_different_configs_fail_clearly(tmp_path):
     t = time.time()
     codes, outs = finish(start(tmp_path / "mixed", per_process=[["optim.lr=1e-3"], ["optim.lr=2e-3"]]), timeout=300)

@@ -66,6 +66,7 @@ def test_equals_optax_muon(tiny):
 MESHES = [dict(fsdp=8), dict(fsdp=2, expert=2, tensor=2), dict(data=2, fsdp=4), dict(expert=4, tensor=2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", MESHES, ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()))
 def test_sharded_equals_unsharded(tiny, axes):
     cfg, params, pure, grads, want = tiny

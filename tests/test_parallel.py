@@ -60,6 +60,7 @@ def grad_errors(got, ref):
     return diff / norm, leaf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", MESHES, ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()))
 def test_sharded_forward_and_gradients_equal_single_device(reference, axes):
     cfg, ids, ref_logits, ref_grads = reference

@@ -110,6 +110,7 @@ def single_device_steps():
     return cfg, graphdef, state, one, batch, grads  # grads: one batch, no remat
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(single_device_steps):
     _, graphdef, state, _, batch, (g1, s1, *_, c1, _) = single_device_steps
     fn = make_grad_fn(graphdef, small_cfg("train.micro_batches=4"))
@@ -123,6 +124,7 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_steps):
         assert float(jnp.abs(x - y).max()) <= 1e-5 * max(float(jnp.abs(x).max()), 0.01 * scale)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients(single_device_steps):
     """model.remat=full recomputes each block's forward in the backward: the gradients equal
     remat=none's (float32; save_matmuls takes the same nnx.remat path with a policy)."""
@@ -136,6 +138,7 @@ def test_remat_gives_the_same_gradients(single_device_steps):
         assert float(jnp.abs(x - y).max()) <= 1e-5 * max(float(jnp.abs(x).max()), 0.01 * scale)
 
 
+@pytest.mark.slow
 def test_muon_and_adamw_step_sizes(single_device_steps):
     """First step, no weight decay: a Muon matrix moves by an RMS of lr * 0.18 (orthogonalised
     and rescaled); an AdamW parameter by about lr per element (Adam's first step)."""
@@ -203,6 +206,7 @@ def training(records):
     return [r for r in records if "loss" in r]
 
 
+@pytest.mark.slow
 def test_short_run_of_the_real_path_learns_and_logs(two_runs):
     d, everything = two_runs[0]
     records = training(everything)
@@ -219,6 +223,7 @@ def test_short_run_of_the_real_path_learns_and_logs(two_runs):
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["8"]  # the final save
 
 
+@pytest.mark.slow
 def test_evaluation_records(two_runs):
     """log.eval_every=4: held-out records of their own at steps 4 and 8 (the last step), in
     metrics.jsonl and TensorBoard; perplexity is exp(loss); the model got better on them."""
@@ -235,6 +240,7 @@ def test_evaluation_records(two_runs):
     np.testing.assert_allclose([v for _, v in scalars["eval_loss"]], [r["eval_loss"] for r in evals], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bitwise_identical_losses(two_runs):
     (_, a), (_, b) = two_runs
     assert [r["loss"] for r in training(a)] == [r["loss"] for r in training(b)]
@@ -246,6 +252,7 @@ def golden_values(records) -> dict:
             "eval_loss": {str(r["step"]): r["eval_loss"] for r in records if "eval_loss" in r}}
 
 
+@pytest.mark.slow
 def test_losses_match_the_golden_file(two_runs):
     """The per-step training losses and the eval losses of the fixture's run equal
     tests/assets/tiny_golden_loss.json within GOLDEN_RTOL, so a numerical regression fails.
@@ -279,6 +286,7 @@ def test_losses_match_the_golden_file(two_runs):
                                rtol=GOLDEN_RTOL, err_msg=where)
 
 
+@pytest.mark.slow
 def test_plot_renders_the_run_with_its_evaluations(two_runs, tmp_path):
     from train.plot import main as plot_main
 
@@ -289,6 +297,7 @@ def test_plot_renders_the_run_with_its_evaluations(two_runs, tmp_path):
     assert plot_main([str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.slow
 def test_export_cli_writes_the_runs_newest_checkpoint(two_runs, tmp_path):
     """`python -m model.export RUN_DIR OUT --format deepseek`: the trained parameters of the
     run's last checkpoint (step 8), not the initial ones, read back by load_pretrained."""
