@@ -36,7 +36,7 @@ from flax import nnx
 
 from .cache import Cache, window_store
 from .experts import for_decoding
-from .step import attention
+from .step import attention, take_last
 from .verify import attention_multi, commit, commit_layer, forward_multi
 
 F32 = jnp.float32
@@ -119,9 +119,7 @@ def mtp_prefill(model, ring: Cache, hidden_BSND, ids_BS, lengths_B, first_B, chu
         cut = slice(c * chunk, (c + 1) * chunk)
         logits, ring = mtp_prefill_jit(graphdef, state, ring, hidden[:, cut], jnp.asarray(nxt[:, cut]),
                                        jnp.int32(c * chunk), jnp.asarray(lengths))
-        i = lengths - 1 - c * chunk
-        here = jnp.asarray((i >= 0) & (i < chunk))
-        last = jnp.where(here[:, None], logits[jnp.arange(b), jnp.asarray(np.clip(i, 0, chunk - 1))], last)
+        last = take_last(last, logits, lengths, c * chunk)
     return ring, jnp.argmax(last, axis=-1).astype(jnp.int32)
 
 

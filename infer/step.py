@@ -174,12 +174,29 @@ def attention(attn, x_BSD, lc, table, spec, pos_BS, valid_BS, start, lengths_B):
 
 
 # --- the whole model --------------------------------------------------------------------------
+def embed_streams(model, ids_BS):
+    """The N residual streams [B, S, N, D] a block stack starts from: each token's embedding."""
+    cfg = model.cfg
+    emb = model.embed[...][ids_BS].astype(dtype_of(cfg.dtype))
+    return jnp.broadcast_to(emb[:, :, None, :], (*ids_BS.shape, cfg.hc_mult, cfg.dim))
+
+
+def take_last(last_BV, logits_BCV, lengths, start: int):
+    """last_BV with each row whose prompt ends in this chunk (of logits_BCV, from position
+    `start`; lengths numpy) replaced by the logits of that prompt's last token."""
+    import numpy as np
+
+    b, c = logits_BCV.shape[:2]
+    i = lengths - 1 - start
+    here = jnp.asarray((i >= 0) & (i < c))
+    return jnp.where(here[:, None], logits_BCV[jnp.arange(b), jnp.asarray(np.clip(i, 0, c - 1))], last_BV)
+
+
 def forward_cached(model, cache: Cache, ids_BS, pos_BS, valid_BS, start=None, lengths_B=None):
     """(logits [B, S, V] of the new tokens, the updated cache (see `attention`), the last
     layer's residual streams [B, S, N, D]: what the MTP block reads)."""
-    cfg, spec = model.cfg, cache.spec
-    emb = model.embed[...][ids_BS].astype(dtype_of(cfg.dtype))
-    x = jnp.broadcast_to(emb[:, :, None, :], (*ids_BS.shape, cfg.hc_mult, cfg.dim))
+    spec = cache.spec
+    x = embed_streams(model, ids_BS)
     layers = []
     for i, lc in enumerate(cache.layers):
         attend = lambda attn, y, lc=lc: attention(attn, y, lc, cache.table, spec, pos_BS, valid_BS,
@@ -258,9 +275,7 @@ def prefill(model, ids_BS, cache: Cache, lengths_B=None, *, chunk: int | None = 
             break
         logits, cache, h = prefill_jit(graphdef, state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
                                        jnp.int32(c * chunk), lengths_j)
-        i = lengths - 1 - c * chunk
-        here = jnp.asarray((i >= 0) & (i < chunk))
-        last = jnp.where(here[:, None], logits[jnp.arange(b), jnp.asarray(np.clip(i, 0, chunk - 1))], last)
+        last = take_last(last, logits, lengths, c * chunk)
         if all_logits:
             outs.append(logits)
         if hidden:

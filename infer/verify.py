@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from model.indexer import Indexer
-from model.layers import dtype_of, rope_angles
+from model.layers import rope_angles
 from model.transformer import layer_block
 
 from .cache import Cache, entry_store, key_store, read_entries, window_store, write_entries
-from .step import _compress_decode
+from .step import _compress_decode, embed_streams
 
 
 def _rows(f, b, s):
@@ -123,10 +123,9 @@ def commit_layer(lc, pending, table, spec, pos_BS, keep_B):
 def forward_multi(model, cache: Cache, ids_BS, pos_BS):
     """(logits [B, S, V], last hidden streams [B, S, N, D], pending writes per layer) of S
     tokens per slot at positions pos_BS (pos_B + [0, S), or -1 for an idle slot)."""
-    cfg, spec = model.cfg, cache.spec
+    spec = cache.spec
     valid = pos_BS >= 0
-    emb = model.embed[...][ids_BS].astype(dtype_of(cfg.dtype))
-    x = jnp.broadcast_to(emb[:, :, None, :], (*ids_BS.shape, cfg.hc_mult, cfg.dim))
+    x = embed_streams(model, ids_BS)
     pending = []
     for i, lc in enumerate(cache.layers):
         def attend(attn, y, lc=lc):
