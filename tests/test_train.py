@@ -22,13 +22,15 @@ from train.optim import make_optimizer, muon_partition
 from train.state import init_state
 from train.step import denominators, loss_sums, make_grad_fn, make_train_step, total_loss
 
+from sizes import SMALL_OVERRIDES
+
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
 def small_cfg(*overrides):
     return load_run_config(TINY, ["train.steps=10", "optim.warmup_steps=0", "data.global_batch=16",
-                                  "data.seq_len=32", "model.dtype=float32", *overrides])
+                                  "data.seq_len=32", "model.dtype=float32", *SMALL_OVERRIDES, *overrides])
 
 
 def first_batch(cfg):
@@ -90,7 +92,7 @@ def test_muon_partition():
     for key in ("attn/wq_a/w", "attn/wq_b/w", "attn/wkv/w", "attn/wo_a/w", "attn/wo_b/w", "ffn/w1",
                 "ffn/w2", "ffn/gate/w", "ffn/shared_w1/w", "attn/indexer/wq_b/w", "attn/compressor/wkv/w"):
         assert any(k.endswith(key) for k in muon), key
-    stacked = dims["segments/2/blocks/1/attn/wq_b/w"]  # [layers, q_lora_in, heads, head_dim]
+    stacked = dims["segments/1/blocks/0/attn/wq_b/w"]  # [layers, q_lora_in, heads, head_dim]
     assert (stacked.reduction_axis, stacked.output_axis) == ((1,), (2, 3))
     wo_a = dims["segments/0/blocks/0/attn/wo_a/w"]  # [groups, in, o_lora]: one matrix per group
     assert (wo_a.reduction_axis, wo_a.output_axis) == ((1,), (2,))
@@ -145,7 +147,7 @@ def test_muon_and_adamw_step_sizes(single_device_steps):
     cfg, _, state, one, batch, _ = single_device_steps
     new, _ = one(state, batch)
     lr = cfg.optim.lr
-    dq = new.params["segments"][2]["blocks"][0]["attn"]["wq_a"]["w"] - state.params["segments"][2]["blocks"][0]["attn"]["wq_a"]["w"]
+    dq = new.params["segments"][1]["blocks"][0]["attn"]["wq_a"]["w"] - state.params["segments"][1]["blocks"][0]["attn"]["wq_a"]["w"]
     rms = float(jnp.sqrt(jnp.mean(dq[0] ** 2)))
     assert 0.7 * 0.18 * lr < rms < 1.3 * 0.18 * lr
     de = new.params["norm"]["weight"] - state.params["norm"]["weight"]
@@ -185,7 +187,7 @@ def test_bias_update_moves_load_towards_balance():
 # float32 compute, so the golden losses hold to a tight tolerance (bfloat16 rounding would move
 # them by ~1e-3 under any change of XLA's fusion); 5% of the documents held out, evaluated at 4, 8
 SHORT = ["train.steps=8", "optim.warmup_steps=2", "log.log_every=1", "log.profile_steps=[2,3]",
-         "model.dtype=float32", "data.seq_len=64", "data.global_batch=8", "data.eval_fraction=0.05",
+         "model.dtype=float32", *SMALL_OVERRIDES, "data.seq_len=64", "data.global_batch=8", "data.eval_fraction=0.05",
          "log.eval_every=4"]
 GOLDEN = os.path.join(ROOT, "tests", "assets", "tiny_golden_loss.json")
 GOLDEN_RTOL = 1e-4  # float32 on CPU; see test_losses_match_the_golden_file
