@@ -10,6 +10,8 @@ from model.indexer import indexer_kl
 from model.moe import MoE, balanced_hash_table
 from model.transformer import layer_block
 
+from sizes import SMALL
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -88,7 +90,7 @@ def test_ragged_equals_dense_with_repeated_experts():
     def loss(moe, x):
         return jnp.sum(moe(x, ids)[0] ** 2)
 
-    (la, ga), (lb, gb) = (nnx.value_and_grad(loss)(mo, x) for mo in (ragged, dense))
+    (la, ga), (lb, gb) = (nnx.jit(nnx.value_and_grad(loss))(mo, x) for mo in (ragged, dense))
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(nnx.state(ga, nnx.Param)), jax.tree.leaves(nnx.state(gb, nnx.Param))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -120,8 +122,9 @@ def test_hash_tables_balanced_distinct_and_per_layer():
     assert not np.array_equal(tables[0], tables[1])
 
 
-def test_indexer_input_is_detached_and_kl_trains_only_the_indexer(tiny):
-    cfg, m, _ = tiny
+def test_indexer_input_is_detached_and_kl_trains_only_the_indexer():
+    cfg = preset("tiny", n_layers=2, compress_ratios=(0, 4), n_hash_layers=1, n_mtp_layers=0)
+    m = build(cfg, rngs=nnx.Rngs(0))
     ids = rand_ids(cfg, 1, 32, 4)
 
     def ce(m):
@@ -165,13 +168,13 @@ def test_indexer_kl_by_hand():
 
 
 def test_sparse_csa_equals_dense_when_topk_covers_all_blocks():
-    cfg = preset("tiny", index_topk=64, n_mtp_layers=0)
+    cfg = preset("tiny", index_topk=64, n_mtp_layers=0, **SMALL)
     m = build(cfg, rngs=nnx.Rngs(2))
     ids = rand_ids(cfg, 2, 40, 5)
     fwd = nnx.jit(lambda m, ids, dense: m(ids, dense_csa=dense), static_argnums=2)
     (a, _), (b, _) = fwd(m, ids, False), fwd(m, ids, True)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    small = preset("tiny", n_mtp_layers=0)  # top-4 of up to 10 blocks: sparse now differs
+    small = preset("tiny", n_mtp_layers=0, **SMALL)  # top-4 of up to 10 blocks: sparse now differs
     ms = build(small, rngs=nnx.Rngs(2))
     (c, _), (d, aux_d) = fwd(ms, ids, False), fwd(ms, ids, True)
     assert not np.allclose(c, d, atol=1e-4)
@@ -236,7 +239,8 @@ def test_query_chunks_equal_whole_sequence(ratio, dense_csa):
         def loss(m, x):
             y, (kl, _) = m(x, pos, angles, seg, dense_csa=dense_csa)
             return jnp.mean(y ** 2) + kl, (y, kl)
-        (_, out), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(Attention(c, ratio, nnx.Rngs(1)), x)
+        step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        (_, out), grads = step(Attention(c, ratio, nnx.Rngs(1)), x)
         return out, jax.tree.leaves(nnx.to_pure_dict(grads[0])) + [grads[1]]
 
     (y, kl), grads = run(cfg)
