@@ -13,7 +13,10 @@ from model import ConfigError, build, param_counts, preset
 from model.moe import MoE
 from parallel import (MeshConfig, Rules, abstract_mesh, create_sharded, describe, make_mesh,
                       per_device_shapes, sharded)
+from parallel.rules import shardings
 from parallel.expert import ExpertParallel, capacity, ragged_capacity
+
+from sizes import SMALL
 
 MESHES = [
     dict(data=8),
@@ -38,7 +41,7 @@ def grad_step(m, ids):
 
 @pytest.fixture(scope="module")
 def reference():
-    cfg = preset("tiny")
+    cfg = preset("tiny", **SMALL)
     ids = jax.random.randint(jax.random.key(0), (BATCH, 32), 0, cfg.vocab_size, jnp.int32)
     m = build(cfg, rngs=nnx.Rngs(0))
     (_, logits), grads = nnx.jit(grad_step)(m, ids)
@@ -60,22 +63,19 @@ def grad_errors(got, ref):
     return diff / norm, leaf
 
 
+def place(m, mesh, rules):
+    """The model's values on `mesh` where the rules say (device_put: no initialiser to compile)."""
+    graphdef, state = nnx.split(m)
+    return nnx.merge(graphdef, jax.device_put(state, shardings(mesh, rules.param_specs(m))))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("axes", MESHES, ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()))
 def test_sharded_forward_and_gradients_equal_single_device(reference, axes):
     cfg, ids, ref_logits, ref_grads = reference
     rules = Rules()
     mesh = make_mesh(MeshConfig(**axes), cfg, global_batch=BATCH)
-    m = create_sharded(cfg, mesh, rules, seed=0)
-    # parameters are created where the rules say
-    assert m.embed.get_value().sharding.spec == P("tensor", "fsdp")
-    assert m.head.w.get_value().sharding.spec == P("fsdp", "tensor")
-    assert m.embed.get_value().sharding.mesh == mesh
-    stacked = m.segments[2].blocks[0]  # HCA layers of the scanned (HCA, CSA) x 2: `layers` unsharded
-    assert stacked.ffn.w1.get_value().sharding.spec == P(None, "expert", "fsdp", "tensor")
-    assert stacked.attn.wq_b.w.get_value().sharding.spec == P(None, "fsdp", "tensor", None)
-    assert stacked.attn.wo_b.w.get_value().sharding.spec == P(None, "tensor", None, "fsdp")
-    assert stacked.attn.wkv.w.get_value().sharding.spec == P(None, "fsdp", None)  # K=V head replicated on tensor
+    m = place(build(cfg, rngs=nnx.Rngs(0)), mesh, rules)
     x = jax.device_put(ids, NamedSharding(mesh, rules.spec(("batch", None))))
     with sharded(mesh, rules):
         (_, logits), grads = nnx.jit(grad_step)(m, x)
@@ -83,6 +83,30 @@ def test_sharded_forward_and_gradients_equal_single_device(reference, axes):
     total, errs = grad_errors(grads, ref_grads)
     worst = max(errs, key=errs.get)
     assert total < 1e-5 and errs[worst] < 1e-5, (describe(mesh), total, worst, errs[worst])
+
+
+@pytest.mark.parametrize("axes", [MESHES[3], MESHES[4]], ids=["d2e2t2", "f2e4"])
+def test_create_sharded_initialises_in_place_the_single_device_values(reference, axes):
+    """The jitted initialiser writes each parameter straight into the shards the rules name,
+    with the values one device draws (threefry is partitionable; eager and jitted arithmetic
+    may differ in the last bit)."""
+    cfg = reference[0]
+    mesh = make_mesh(MeshConfig(**axes), cfg, global_batch=BATCH)
+    m = create_sharded(cfg, mesh, Rules(), seed=0)
+    assert m.embed.get_value().sharding.spec == P("tensor", "fsdp")
+    assert m.head.w.get_value().sharding.spec == P("fsdp", "tensor")
+    assert m.embed.get_value().sharding.mesh == mesh
+    stacked = m.segments[1].blocks[0]  # the 2 scanned CSA layers: `layers` unsharded
+    assert stacked.ffn.w1.get_value().sharding.spec == P(None, "expert", "fsdp", "tensor")
+    assert stacked.attn.wq_b.w.get_value().sharding.spec == P(None, "fsdp", "tensor", None)
+    assert stacked.attn.wo_b.w.get_value().sharding.spec == P(None, "tensor", None, "fsdp")
+    assert stacked.attn.wkv.w.get_value().sharding.spec == P(None, "fsdp", None)  # K=V head replicated on tensor
+    want = dict(nnx.to_flat_state(nnx.state(build(cfg, rngs=nnx.Rngs(0)))))
+    got = dict(nnx.to_flat_state(nnx.state(m)))
+    assert set(got) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(np.asarray(got[k].get_value()), np.asarray(v.get_value()), rtol=3e-7,
+                                   atol=0, err_msg=str(k))
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +181,11 @@ def test_fsdp_divides_parameter_memory(reference):
     cfg, ids, _, _ = reference
     total = 4 * param_counts(cfg)["total"]
     rules = Rules()
+    model = build(cfg, rngs=nnx.Rngs(0))
 
     def argument_bytes(axes):
         mesh = make_mesh(MeshConfig(**axes), cfg, global_batch=BATCH)
-        m = create_sharded(cfg, mesh, rules, seed=0)
+        m = place(model, mesh, rules)
         x = jax.device_put(ids, NamedSharding(mesh, rules.spec(("batch", None))))
         with sharded(mesh, rules):
             # the arguments (parameters + batch) are those of the train step; the forward compiles faster
