@@ -8,7 +8,8 @@ from model.layers import using_hooks
 
 from .expert import ExpertParallel, choose_transport
 from .mesh import AXES, BATCH_AXES, MeshConfig, abstract_mesh, describe, make_mesh, validate
-from .rules import RULES, Rules, activation_sharding, create_sharded, per_device_shapes, shardings
+from .rules import (RULES, Rules, abstract_sharded, activation_sharding, create_sharded, per_device_shapes,
+                    shardings)
 
 
 @contextlib.contextmanager
@@ -21,5 +22,5 @@ def sharded(mesh, rules: Rules, transport: str = "auto", capacity_factor: float 
 
 
 __all__ = ["AXES", "BATCH_AXES", "MeshConfig", "abstract_mesh", "describe", "make_mesh", "validate",
-           "RULES", "Rules", "activation_sharding", "create_sharded", "per_device_shapes", "shardings",
-           "ExpertParallel", "choose_transport", "sharded"]
+           "RULES", "Rules", "abstract_sharded", "activation_sharding", "create_sharded", "per_device_shapes",
+           "shardings", "ExpertParallel", "choose_transport", "sharded"]

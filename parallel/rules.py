@@ -126,6 +126,18 @@ def create_sharded(cfg: ModelConfig, mesh, rules: Rules, seed: int = 0) -> Model
     return nnx.merge(graphdef, state)
 
 
+def abstract_sharded(cfg: ModelConfig, mesh, rules: Rules) -> Model:
+    """The model with ShapeDtypeStructs for values, each carrying the sharding the rules give
+    it on `mesh`: what create_sharded would make, without memory or a compile (a restore
+    target)."""
+    abstract = nnx.eval_shape(lambda: Model(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                         state, shardings(mesh, rules.param_specs(abstract)),
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
 def per_device_shapes(cfg: ModelConfig, mesh, rules: Rules) -> dict[str, tuple[tuple, tuple, int]]:
     """Path -> (global shape, per-device shape, per-device bytes) of every variable, from the
     abstract model and a (possibly abstract) mesh: no devices and no memory needed."""

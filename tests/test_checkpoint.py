@@ -137,6 +137,18 @@ def fast_state(work):
     return cfg, state
 
 
+def test_abstract_setup_describes_the_real_state(fast_state):
+    """setup(abstract=True), what a resume restores into without running the initialiser,
+    has every leaf of the state setup() creates: path, shape, dtype and sharding."""
+    cfg, state = fast_state
+    mesh = make_mesh(cfg.mesh, cfg.model, global_batch=cfg.data.global_batch)
+    target, shardings, _ = setup(cfg, mesh, Rules(cfg.rules), abstract=True)
+    assert leaf_paths(target) == leaf_paths(state) == leaf_paths(shardings)
+    for p, x, t in zip(leaf_paths(state), jax.tree.leaves(state), jax.tree.leaves(target)):
+        assert isinstance(t, jax.ShapeDtypeStruct) and (t.shape, t.dtype) == (x.shape, x.dtype), p
+        assert t.sharding.is_equivalent_to(x.sharding, x.ndim), (p, t.sharding, x.sharding)
+
+
 def bumped(state, k):
     """A different state: every float leaf + k (so each saved step is distinguishable)."""
     return jax.tree.map(lambda x: x + k if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
@@ -424,9 +436,9 @@ def test_restore_onto_other_meshes_is_exact(work, data8):
     for name, mesh_cfg, devices in (("d2e2t2", cfg.mesh, jax.devices()),
                                     ("4 devices", MeshConfig(data=2, expert=2), jax.devices()[:4])):
         mesh = make_mesh(mesh_cfg, cfg.model, devices=devices, global_batch=8)
-        state, _, _ = setup(cfg, mesh, Rules(cfg.rules))
+        target, _, _ = setup(cfg, mesh, Rules(cfg.rules), abstract=True)
         ck = Checkpointer(os.path.join(data8, "checkpoints"), cfg.checkpoint)
-        restored[name], _ = ck.restore(8, state)  # verifies every leaf's fingerprint too
+        restored[name], _ = ck.restore(8, target)  # verifies every leaf's fingerprint too
         ck.close()
         assert {d for x in jax.tree.leaves(restored[name]) for d in x.sharding.device_set} == set(devices)
     assert_same(restored["d2e2t2"], restored["4 devices"])

@@ -25,6 +25,9 @@ def rel_err(got, ref):
     return float(np.max(np.abs(np.asarray(got) - ref)) / np.max(np.abs(ref)))
 
 
+forward = nnx.jit(lambda m, x: m(x))  # eager mode would compile every op for every shape
+
+
 def ours(hcfg, tensors, **changes):
     cfg = config_from_hf(hcfg, dtype="float32", n_mtp_layers=0, **changes)
     m = build(cfg, rngs=nnx.Rngs(1))
@@ -57,7 +60,7 @@ def test_logits_match_hf_with_scanned_mixed_layers(scanned):
     assert [(seg.period, seg.count) for seg in m.segments] == [(1, 2), (2, 2), (1, 1)]
     ids = ids_for(hcfg, 2, 48, 0)  # 12 CSA blocks (top-3 selects), 6 HCA blocks, window 8
     ref = O.hf_logits(hf, ids)
-    got, _ = nnx.jit(lambda m, x: m(x))(m, jnp.asarray(ids, jnp.int32))
+    got, _ = forward(m, jnp.asarray(ids, jnp.int32))
     assert rel_err(got, ref) < 1e-4
     assert not np.allclose(ref[0], ref[1])
 
@@ -67,10 +70,10 @@ def test_logits_match_hf_ragged_and_dense_moe(five, s):
     hcfg, hf, tensors, m = five
     ids = ids_for(hcfg, 3, s, s)  # lengths that are and are not multiples of window / ratios
     ref = O.hf_logits(hf, ids)
-    got, _ = m(jnp.asarray(ids, jnp.int32))
+    got, _ = forward(m, jnp.asarray(ids, jnp.int32))
     assert rel_err(got, ref) < 1e-4
     dense = ours(hcfg, tensors, moe_impl="dense")
-    got_dense, _ = dense(jnp.asarray(ids, jnp.int32))
+    got_dense, _ = forward(dense, jnp.asarray(ids, jnp.int32))
     assert rel_err(got_dense, ref) < 1e-4
 
 

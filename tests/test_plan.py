@@ -12,6 +12,8 @@ from parallel.mesh import MeshConfig, abstract_mesh
 from parallel.rules import per_device_shapes
 from train.config import load_run_config
 
+from sizes import SMALL_OVERRIDES
+
 TINY = "configs/tiny.yaml"
 POD = "configs/v4-flash-pod.yaml"
 # the tiny model with widths that fill the TPU's 128-lane tiles, so that compiled argument
@@ -116,11 +118,11 @@ def test_activation_residuals_follow_remat():
     """Residuals per sequence: remat=full keeps at least every block's input (the hand-derived
     floor: blocks x seq x hc_mult x dim float32 values) and far less than remat=none;
     save_matmuls lies between; every figure is linear in the batch (1 vs 2 sequences)."""
-    base = load_run_config(TINY, ["model.dtype=float32", "data.seq_len=64"])
+    base = load_run_config(TINY, ["model.dtype=float32", "data.seq_len=64", *SMALL_OVERRIDES])
     m = base.model
     per = {}
     for remat in ("none", "save_matmuls", "full"):
-        cfg = load_run_config(TINY, ["model.dtype=float32", "data.seq_len=64", f"model.remat={remat}"])
+        cfg = load_run_config(TINY, ["model.dtype=float32", "data.seq_len=64", *SMALL_OVERRIDES, f"model.remat={remat}"])
         layout = P.StateLayout(cfg, Rules())
         one, two, three = (P.residual_bytes(cfg, layout, n) for n in (1, 2, 3))
         assert three - two == two - one  # linear in the sequences

@@ -68,18 +68,23 @@ def main(argv=None) -> int:
         return code
 
 
-def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = (), pretrained: bool = False):
+def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = (), pretrained: bool = False,
+          abstract: bool = False):
     """(train state on `mesh`, its shardings, the un-jitted step function) for a RunConfig:
     the model initialised into its shards (or, with `pretrained`, read from
-    train.init_from), the optimiser state beside it."""
+    train.init_from), the optimiser state beside it. With `abstract`, the state is
+    ShapeDtypeStructs with those shardings (a restore target: no memory, no initialiser)."""
+    import jax
     from flax import nnx
 
-    from parallel import create_sharded
+    from parallel import abstract_sharded, create_sharded
     from train.optim import make_optimizer, schedule
-    from train.state import init_state, place_state
+    from train.state import abstract_state, init_state, place_state
     from train.step import make_train_step
 
-    if pretrained:
+    if abstract:
+        model = abstract_sharded(cfg.model, mesh, rules)
+    elif pretrained:
         from model.pretrained import load_pretrained, pretrained_config
 
         path = cfg.train.init_from
@@ -88,8 +93,12 @@ def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = (), pretrained: bool = 
     else:
         model = create_sharded(cfg.model, mesh, rules, seed=cfg.train.seed)
     tx = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param), mesh, rules)
-    graphdef, state = init_state(model, tx, mesh)
-    state, shardings = place_state(state, mesh)
+    if abstract:
+        graphdef, state = abstract_state(model, tx, mesh)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+    else:
+        graphdef, state = init_state(model, tx, mesh)
+        state, shardings = place_state(state, mesh)
     step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps), nan_steps)
     return state, shardings, step_fn
 
@@ -105,7 +114,7 @@ def restore_run(run_dir, overrides=()):
 
     from model import abstract as abstract_model
     from parallel import MeshConfig, Rules, make_mesh
-    from train.checkpoint import Checkpointer, abstract
+    from train.checkpoint import Checkpointer
     from train.config import load_run_config
 
     run_dir = Path(run_dir)
@@ -115,9 +124,7 @@ def restore_run(run_dir, overrides=()):
         "mesh.data=1", "mesh.fsdp=1", "mesh.expert=1", "mesh.tensor=1", "train.init_from=null"])
     mesh = make_mesh(MeshConfig(data=1), cfg.model, devices=jax.devices()[:1],
                      global_batch=cfg.data.global_batch)
-    state, _, _ = setup(cfg, mesh, Rules(cfg.rules))  # the restore target: what training saves
-    target = abstract(state)
-    jax.tree.map(lambda x: x.delete(), state)
+    target, _, _ = setup(cfg, mesh, Rules(cfg.rules), abstract=True)  # what training saves
     ckpt = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), cfg.checkpoint, log=print)
     try:
         found = ckpt.restore_latest(target)
@@ -318,23 +325,20 @@ def _initial_state(cfg, mesh, rules, ckpt, say):
     state with the iterator at its position."""
     import jax
 
-    from train.checkpoint import abstract
     from train.data import ProcessIterator
 
     nan_steps = fault_nan_steps()
     if nan_steps:
         say(f"fault injection: NaN gradients at steps {list(nan_steps)}")
     fresh = not (ckpt and ckpt.steps())
-    state, shardings, step_fn = setup(cfg, mesh, rules, nan_steps,
-                                      pretrained=bool(cfg.train.init_from) and fresh)
+    state, shardings, step_fn = setup(cfg, mesh, rules, nan_steps,  # resuming: only the target
+                                      pretrained=bool(cfg.train.init_from) and fresh, abstract=not fresh)
     if cfg.train.init_from and fresh:
         say(f"parameters from {cfg.train.init_from}")
     it = ProcessIterator(cfg.data, jax.process_index(), jax.process_count())
     if fresh:
         return 0, state, shardings, step_fn, it
-    target = abstract(state)
-    jax.tree.map(lambda x: x.delete(), state)  # free the fresh state before reading
-    start, state, data_state = ckpt.restore_latest(target)
+    start, state, data_state = ckpt.restore_latest(state)
     it.set_state(data_state)
     say(f"resumed from step {start} in {_ckpt_dir(cfg)}")
     return start, state, shardings, step_fn, it

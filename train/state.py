@@ -78,6 +78,20 @@ def init_state(model, tx, mesh=None) -> tuple[Any, TrainState]:
     return graphdef, TrainState(step=_zero(), params=params, rest=rest, opt=opt, bad=_zero(), skipped=_zero())
 
 
+def abstract_state(model, tx, mesh) -> tuple[Any, TrainState]:
+    """(graphdef, TrainState of ShapeDtypeStructs with shardings) for a model whose values are
+    ShapeDtypeStructs with shardings (parallel.abstract_sharded): what init_state + place_state
+    would make, without memory or a compile; the target of a restore."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    replicated = NamedSharding(mesh, P())
+    tags = mirror_params(tx, params, jax.tree.map(lambda x: x.sharding, params), replicated)
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       jax.eval_shape(tx.init, params), tags)
+    count = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    return graphdef, TrainState(step=count, params=params, rest=rest, opt=opt, bad=count, skipped=count)
+
+
 def place_state(state: TrainState, mesh) -> tuple[TrainState, TrainState]:
     """(state, its shardings) with every leaf on `mesh`: leaves created outside the sharded
     initialiser (the counters, unsharded optimiser counts) are replicated."""
