@@ -96,9 +96,21 @@ def _scales(xb, fmt: str, block, scale_fmt: str):
     return jnp.where(finite, scale, jnp.nan)
 
 
+def _round_e2m1(v):
+    """v (|v| <= 6) on the e2m1 grid, ties to even, in float32: the grid step is 0.5 below 2,
+    1 below 4 and 2 up to 6, and round-half-even of v / step picks the even code. Every
+    operation is exact, so the cast that follows is too, whatever the backend's conversion
+    does (XLA:CPU's elemental emitter, --xla_cpu_use_fusion_emitters=false, converts float32
+    -> e2m1 through float16, rounding twice: 5.0001 becomes 4, not 6)."""
+    a = jnp.abs(v)
+    step = jnp.where(a < 2, F32(0.5), jnp.where(a < 4, F32(1.0), F32(2.0)))
+    return jnp.round(v / step) * step
+
+
 def _codes(xb, scale, fmt: str):
     dtype, fmax, _ = _format(fmt)
-    return jnp.clip(xb / scale, -fmax, fmax).astype(dtype)
+    v = jnp.clip(xb / scale, -fmax, fmax)
+    return (_round_e2m1(v) if fmt == "e2m1" else v).astype(dtype)
 
 
 def quantize(x, fmt: str, block, scale_fmt: str = "ue8m0"):

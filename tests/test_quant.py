@@ -55,6 +55,9 @@ def awkward(rng, shape, block_len):
     flat[3, :2] = [6.0, -6.0]                                  # the e2m1 extremes
     flat[4] = rng.uniform(-1, 1, block_len) * 1e-39            # float32 subnormals
     flat[5] = np.float32(2.0 ** -3) * np.arange(block_len)     # exact grid points / ties
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])     # e2m1 ties, nudged 2^-13 up and down:
+    flat[6] = np.resize(np.concatenate([[6.0], mids * (1 + 2.0 ** -13), mids * (1 - 2.0 ** -13), [-5.99]]),
+                        block_len)                             # a cast that rounds via float16 gets them wrong
     return flat.reshape(shape)
 
 
