@@ -3,6 +3,7 @@ the 1-process 8-device run; checkpoints across process counts; SIGTERM to one pr
 different configurations on different processes; how a launch is detected."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from trainer_env import trainer_env
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-STEPS = 16  # the programs equal tests/test_checkpoint.py's: the session's compilation cache serves both
+STEPS = 12  # the programs equal tests/test_checkpoint.py's: the session's compilation cache serves both
 COMMON = ["model.n_layers=2", "model.dtype=float32", "model.compress_ratios=[0,4]",
           "model.n_hash_layers=1", "data.seq_len=32", "data.global_batch=8", "data.num_shards=2",
           "optim.warmup_steps=2", "log.log_every=1", "log.tensorboard=false", f"train.steps={STEPS}",
@@ -100,41 +101,47 @@ def test_two_processes_equal_one(one_process, two_processes):
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-6)
 
 
-def _resume(tmp_path, source, step, processes):
-    run_dir = tmp_path / f"resume{processes}"
-    os.makedirs(run_dir / "checkpoints")
-    os.system(f"cp -r {source}/checkpoints/{step} {run_dir}/checkpoints/")
-    codes, outs = finish(start(run_dir, processes=processes))
-    assert set(codes) == {0} and f"resumed from step {step}" in outs[0], "\n".join(o[-3000:] for o in outs)
-    return losses(run_dir)
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_checkpoints_cross_process_counts(one_process, two_processes, tmp_path):
-    two_dir, _ = two_processes
-    want = losses(one_process)
-    for source, processes in ((two_dir, 1), (one_process, 2)):
-        got = _resume(tmp_path, source, 8, processes)  # kept: 8, 12, 16
-        assert sorted(got) == list(range(9, STEPS + 1))
-        np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
-    run_dir = tmp_path / "term"
-    procs = start(run_dir, "checkpoint.interval_steps=100")
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    t = time.time()
-    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+def wait_for_steps(run_dir, procs, n):
+    """Until metrics.jsonl has `n` records (a resumed run rewrites it first)."""
+    metrics, t = os.path.join(run_dir, "metrics.jsonl"), time.time()
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= n):
         assert time.time() - t < 400 and all(p.poll() is None for p in procs), "trainers exited early"
         time.sleep(0.05)
+
+
+def resume_from(tmp_path, source, step, name):
+    run_dir = tmp_path / name
+    os.makedirs(run_dir / "checkpoints")
+    shutil.copytree(source / "checkpoints" / str(step), run_dir / "checkpoints" / str(step))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_checkpoints_cross_process_counts_and_sigterm_to_one_process(one_process, two_processes, tmp_path):
+    """The 2-process run's step 8 resumes on 1 process, the 1-process run's step 4 on 2
+    processes: the losses are the 1-process run's. SIGTERM to process 1 of the 2-process
+    resume: both processes save the same step (one checkpoint) and exit 0."""
+    two_dir, _ = two_processes
+    want = losses(one_process)
+    run_dir = resume_from(tmp_path, two_dir, 8, "on1")
+    codes, outs = finish(start(run_dir, processes=1))
+    assert codes == [0] and "resumed from step 8" in outs[0], outs[0][-3000:]
+    got = losses(run_dir)
+    assert sorted(got) == list(range(9, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
+
+    run_dir = resume_from(tmp_path, one_process, 4, "on2")
+    procs = start(run_dir, "checkpoint.interval_steps=100")
+    wait_for_steps(run_dir, procs, 2)
     procs[1].send_signal(signal.SIGTERM)
     codes, outs = finish(procs)
-    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert codes == [0, 0] and "resumed from step 4" in outs[0], "\n".join(o[-3000:] for o in outs)
     saved = int(outs[0].split("SIGTERM: checkpointed step ")[1].split(";")[0])
-    assert saved < STEPS and os.listdir(run_dir / "checkpoints") == [str(saved)]
+    assert 4 < saved < STEPS and set(os.listdir(run_dir / "checkpoints")) == {"4", str(saved)}
+    got = losses(run_dir)
+    assert sorted(got) == list(range(5, saved + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
 
 
 @pytest.mark.multiprocess
