@@ -186,7 +186,7 @@ def test_bias_update_moves_load_towards_balance():
 
 # float32 compute, so the golden losses hold to a tight tolerance (bfloat16 rounding would move
 # them by ~1e-3 under any change of XLA's fusion); 5% of the documents held out, evaluated at 4, 8
-SHORT = ["train.steps=8", "optim.warmup_steps=2", "log.log_every=1", "log.profile_steps=[2,3]",
+SHORT = ["train.steps=8", "optim.warmup_steps=2", "log.log_every=1", "log.profile_steps=[1,2]",
          "model.dtype=float32", *SMALL_OVERRIDES, "data.seq_len=64", "data.global_batch=8", "data.eval_fraction=0.05",
          "log.eval_every=4"]
 GOLDEN = os.path.join(ROOT, "tests", "assets", "tiny_golden_loss.json")
