@@ -25,15 +25,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="deepflax-jax-cache-")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
-
-# Whole files go to the xdist workers in collection order (--dist loadfile); the longest first,
-# so that no long file starts last while the other worker idles (worker-seconds, 2026-12-03).
-# test_multihost.py after test_checkpoint.py has had time to put their common 1-process
-# program into the session's compilation cache.
-LONGEST_FIRST = ["test_checkpoint.py", "test_train.py", "test_parallel.py", "test_multihost.py",
-                 "test_plan.py", "test_infer.py", "test_muon.py", "test_model.py"]
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
