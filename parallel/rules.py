@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import layers as model_layers
 from model.config import ConfigError, ModelConfig, check_keys
-from model.transformer import Model
+from model.transformer import Model, abstract
 
 from .mesh import AXES, BATCH_AXES
 
@@ -119,9 +119,9 @@ def shardings(mesh, specs):
 def create_sharded(cfg: ModelConfig, mesh, rules: Rules, seed: int = 0) -> Model:
     """The model initialised directly into its shards (never whole on one device): the
     initialiser is jitted with the rules' shardings as its output shardings."""
-    abstract = nnx.eval_shape(lambda: Model(cfg, nnx.Rngs(seed)))
-    graphdef, _ = nnx.split(abstract)
-    out = shardings(mesh, rules.param_specs(abstract))
+    shapes = abstract(cfg)
+    graphdef, _ = nnx.split(shapes)
+    out = shardings(mesh, rules.param_specs(shapes))
     state = jax.jit(lambda: nnx.split(Model(cfg, nnx.Rngs(seed)))[1], out_shardings=out)()
     return nnx.merge(graphdef, state)
 
@@ -130,10 +130,10 @@ def abstract_sharded(cfg: ModelConfig, mesh, rules: Rules) -> Model:
     """The model with ShapeDtypeStructs for values, each carrying the sharding the rules give
     it on `mesh`: what create_sharded would make, without memory or a compile (a restore
     target)."""
-    abstract = nnx.eval_shape(lambda: Model(cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    shapes = abstract(cfg)
+    graphdef, state = nnx.split(shapes)
     state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-                         state, shardings(mesh, rules.param_specs(abstract)),
+                         state, shardings(mesh, rules.param_specs(shapes)),
                          is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, state)
 

@@ -332,9 +332,9 @@ def test_kill_and_sigterm_then_resume_bit_for_bit(work, reference):
     proc.wait()
     assert all(n.isdigit() or "tmp" in n or n.startswith(".") for n in os.listdir(ckpt_dir))
     # 2. kill -9 at a random moment
-    before = committed(run_dir)
+    last = max(committed(run_dir), default=0)
     proc = launch(work, run_dir, "checkpoint.interval_steps=3")
-    target = rng.randint(max(before, default=0) + 2, max(max(before, default=0) + 2, STEPS - 4))
+    target = rng.randint(last + 2, max(last + 2, STEPS - 4))
     wait_for(lambda: len(records(run_dir)) >= target, proc)
     time.sleep(rng.uniform(0, 0.3))
     proc.kill()
