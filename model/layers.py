@@ -163,14 +163,14 @@ def rope_angles(cfg: ModelConfig, positions, compressed: bool):
 
 def apply_rope(x, angles, inverse: bool = False):
     """Rotate the last R dims of x [B, S, R'] or [B, S, H, R'] (interleaved pairs) by `angles`
-    [S, R/2]. inverse=True applies the opposite rotation."""
-    r = angles.shape[-1] * 2
-    rest, rot = x[..., :-r], x[..., -r:].astype(jnp.float32)
+    [S, R/2]. inverse=True applies the opposite rotation. One elementwise pass over all of x:
+    the first R' - R dims get angle 0 (cos 1, sin 0, exact) instead of a slice and a concatenate
+    (whose backward pads: both were copies of x on XLA:CPU)."""
+    half = x.shape[-1] // 2
+    angles = jnp.pad(angles, [(0, 0)] * (angles.ndim - 1) + [(half - angles.shape[-1], 0)])
     if x.ndim == 4:  # broadcast over the head axis
         angles = angles[:, None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    if inverse:
-        sin = -sin
-    even, odd = rot[..., 0::2], rot[..., 1::2]
-    out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(rot.shape)
-    return jnp.concatenate([rest, out.astype(x.dtype)], axis=-1)
+    cos, sin = jnp.cos(angles)[..., None], jnp.sin(angles)
+    sin = jnp.stack([sin, -sin] if inverse else [-sin, sin], axis=-1)  # pair (e, o): e*c - o*s, o*c + e*s
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], half, 2)
+    return (pairs * cos + pairs[..., ::-1] * sin).reshape(x.shape).astype(x.dtype)

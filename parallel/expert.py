@@ -86,9 +86,13 @@ class ExpertParallel:
             raise ConfigError(f"rules.experts: expert axes {self.ep_axes} must also shard the batch "
                               f"{self.batch_axes} so that each expert device holds different tokens")
         self.ep = math.prod(mesh.shape[a] for a in self.ep_axes)
+        # collectives over axes of size 1 are copies (XLA:CPU gathered every expert matrix into
+        # a new layout each step on a 1-device mesh): left out
+        self.gather_axes, self.tp_axes, self.sum_axes = (
+            tuple(a for a in axes if mesh.shape[a] > 1) for axes in (self.gather_axes, self.tp_axes, self.batch_axes))
 
     def __call__(self, moe, x_BSD, idx_BSk, wts_BSk):
-        rules, cfg = self.rules, moe.cfg
+        rules = self.rules
         tok = rules.spec(("batch", None, None))
         specs = (tok, tok, tok,
                  rules.spec(("experts", "embed", "expert_mlp")), rules.spec(("experts", "embed", "expert_mlp")),
@@ -125,7 +129,7 @@ class ExpertParallel:
         y = y + jnp.einsum("nf,fd->nd", h, sw2.astype(dt), preferred_element_type=F32)
         for a in self.tp_axes:
             y = jax.lax.psum(y, a)
-        for a in self.batch_axes:
+        for a in self.sum_axes:
             dropped = jax.lax.psum(dropped, a)
         return y.reshape(b, s, d), dropped
 

@@ -20,7 +20,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # tests/test_checkpoint.py (they inherit the variable): a run repeated with the same program
 # (a resume, a second identical run) loads its executable instead of compiling it again.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="deepflax-jax-cache-")
+    # removed by the process that made it (pytest's main process; xdist workers inherit it)
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

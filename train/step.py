@@ -151,14 +151,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_sche
             grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
         loss, terms = total_loss(sums, denoms, weights)
         grad_norm = optax.tree.norm(grads)
-        updates, opt = tx.update(grads, state.opt, params)
-        new_params = optax.apply_updates(params, updates)
-        model = nnx.merge(graphdef, nnx.State(new_params), nnx.State(rest))
-        update_routing_bias(model, counts, gamma)
-        new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = {"params": (new_params, params), "rest": (new_rest, rest), "opt": (opt, state.opt)}
-        kept = {k: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old) for k, (new, old) in keep.items()}
+
+        def apply(_):
+            updates, opt = tx.update(grads, state.opt, params)
+            new_params = optax.apply_updates(params, updates)
+            model = nnx.merge(graphdef, nnx.State(new_params), nnx.State(rest))
+            update_routing_bias(model, counts, gamma)
+            return {"params": new_params, "rest": nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))), "opt": opt}
+
+        # a bad step keeps the state as it was: a branch, not a select over every leaf of the
+        # new and old states (a full extra pass over parameters and optimiser state per step)
+        kept = jax.lax.cond(ok, apply, lambda _: {"params": params, "rest": rest, "opt": state.opt}, None)
         bad = jnp.where(ok, 0, state.bad + 1)
         load = counts.astype(F32)
         metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
