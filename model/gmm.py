@@ -58,10 +58,10 @@ def _dense(x, w, sizes, out):
 
 
 def tile_rows(m: int, e: int) -> int:
-    """Rows per tile: a power of two near half the mean group size, within [16, 128] (and <= M).
+    """Rows per tile: a power of two near the mean group size, within [16, 128] (and <= M).
     Smaller tiles waste less on each group's last partial tile; larger ones run faster."""
     t = 16
-    while t < 128 and 4 * t <= m / max(e, 1):
+    while t < 128 and 2 * t <= m / max(e, 1):
         t *= 2
     return max(1, min(t, m))
 

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
-from .layers import constant, normal
+from .layers import constant, constrain, normal
+
+STREAMS = ("batch", "act_seq", None, "act_embed")  # logical axes of the streams [B, S, N, D]
 
 
 def sinkhorn(logits_NN, iters: int, eps: float):
@@ -37,7 +39,9 @@ def normalized_mixes(x_BSND, fn_IM, eps: float):
     per-token scale applied after the projection (as DeepSeek's reference does), so that no
     normalised [B, S, N*D] copy exists (XLA:CPU fused its reduction into every element of the
     copy a layer scan keeps for the backward: ~40% of a `small` step)."""
-    flat = x_BSND.reshape(*x_BSND.shape[:-2], -1).astype(jnp.float32)
+    # pinned to the streams' batch sharding: its gradient would otherwise take the fsdp
+    # sharding of fn's input axis (N*D), and the partitioner re-gathers every stream to undo it
+    flat = constrain(x_BSND.reshape(*x_BSND.shape[:-2], -1).astype(jnp.float32), ("batch", "act_seq", None))
     r = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)
     return jnp.einsum("bsi,im->bsm", flat, fn_IM.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) * r
 
@@ -65,7 +69,7 @@ def _collapse_bwd(res, g_BSD):
     pre_BSN, x_BSND = res
     g = _f32(g_BSD)
     d_pre = jnp.sum(_f32(x_BSND) * g[..., None, :], axis=-1)
-    d_x = pre_BSN[..., None] * g[..., None, :]
+    d_x = constrain(pre_BSN[..., None] * g[..., None, :], STREAMS)
     return d_pre.astype(pre_BSN.dtype), d_x.astype(x_BSND.dtype)
 
 
@@ -93,6 +97,7 @@ def _merge_bwd(res, g_BSND):
     d_x = comb_BSNN[..., :, 0, None] * g[..., 0, None, :]  # d x_j = sum_k comb[j, k] * g_k
     for k in range(1, n):
         d_x = d_x + comb_BSNN[..., :, k, None] * g[..., k, None, :]
+    d_y, d_x = constrain(d_y, ("batch", "act_seq", "act_embed")), constrain(d_x, STREAMS)
     return (d_y.astype(y_BSD.dtype), d_x.astype(x_BSND.dtype),
             d_post.astype(post_BSN.dtype), d_comb.astype(comb_BSNN.dtype))
 

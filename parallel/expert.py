@@ -98,8 +98,9 @@ class ExpertParallel:
                  rules.spec(("experts", "embed", "expert_mlp")), rules.spec(("experts", "embed", "expert_mlp")),
                  rules.spec(("experts", "expert_mlp", "embed")),
                  rules.spec(("embed", "mlp")), rules.spec(("embed", "mlp")), rules.spec(("mlp", "embed")))
-        body = jax.shard_map(lambda *a: self._body(moe, *a), mesh=self.mesh, in_specs=specs,
-                             out_specs=(tok, P()), check_vma=False)
+        body = lambda *a: self._body(moe, *a)  # noqa: E731
+        if self.mesh.size > 1:  # (on one device shard_map's backward adds copies: psums of size 1)
+            body = jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=(tok, P()), check_vma=False)
         # weights as the matmuls see them (fake-quantised per the model's quant_* fields)
         return body(x_BSD, idx_BSk, wts_BSk, *moe.expert_weights(),
                     moe.shared_w1.weight(), moe.shared_w3.weight(), moe.shared_w2.weight())
