@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/mesh_step.py
 	$(PY) bench/gmm.py
 	$(PY) bench/train_speed.py --steps 3 --warmup 1 --batch 8 --seq 128
+	$(PY) bench/train_speed.py --steps 3 --warmup 1 --batch 8 --seq 128 --shape --optim adamw --devices 1
 	$(PY) bench/decode_speed.py --torch-threads 1
 
 clean:
