@@ -11,6 +11,8 @@ contribution from every selected slot is added, even if a table repeats an exper
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,11 +50,32 @@ def score(logits, func: str):
 
 
 def swiglu(h_gate, h_up, limit: float):
-    h_gate, h_up = h_gate.astype(F32), h_up.astype(F32)
+    """silu(min(gate, limit)) * clip(up, -limit, limit) in float32 (limit 0: no clamp)."""
+    return _swiglu(h_gate.astype(F32), h_up.astype(F32), float(limit))
+
+
+# Its own backward keeps the two inputs only and writes both gradients in one pass: through
+# autodiff XLA:CPU ran the clamp, the sigmoid and the product as separate passes over the
+# [rows, F] hidden units (jax.nn.silu's residuals). Clamped entries get gradient 0 (the
+# boundary itself passes, as torch.clamp).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _swiglu(g, u, limit: float):
     if limit > 0:
-        h_up = jnp.clip(h_up, -limit, limit)
-        h_gate = jnp.minimum(h_gate, limit)
-    return jax.nn.silu(h_gate) * h_up
+        g, u = jnp.minimum(g, limit), jnp.clip(u, -limit, limit)
+    return g * jax.nn.sigmoid(g) * u
+
+
+def _swiglu_bwd(limit, res, d):
+    g, u = res
+    gc, uc = (jnp.minimum(g, limit), jnp.clip(u, -limit, limit)) if limit > 0 else (g, u)
+    s = jax.nn.sigmoid(gc)
+    d_g, d_u = d * uc * s * (1 + gc * (1 - s)), d * gc * s
+    if limit > 0:
+        d_g, d_u = jnp.where(g <= limit, d_g, 0.0), jnp.where(jnp.abs(u) <= limit, d_u, 0.0)
+    return d_g, d_u
+
+
+_swiglu.defvjp(lambda g, u, limit: (_swiglu(g, u, limit), (g, u)), _swiglu_bwd)
 
 
 class MoE(nnx.Module):

@@ -1,5 +1,6 @@
-"""mHC pieces with hand-written backward passes (model/hyper.py) against JAX's autodiff of the
-plain formulas, and Sinkhorn against a float64 NumPy run of the reference kernel's order."""
+"""Pieces with hand-written backward passes (mHC in model/hyper.py, SwiGLU in model/moe.py)
+against JAX's autodiff of the plain formulas; Sinkhorn against a float64 NumPy run of the
+reference kernel's order."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +80,22 @@ def test_sinkhorn_equals_float64_reference_and_its_gradient_autodiff():
     grad = jax.grad(lambda lg: jnp.sum(hyper.sinkhorn(lg, 20, 1e-6) * w))(logits)
     want = jax.grad(lambda lg: jnp.sum(unrolled(lg) * w))(logits)
     np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
+
+
+def test_swiglu_gradient_equals_autodiff_away_from_the_clamp_edges():
+    from model.moe import swiglu
+
+    k = jax.random.split(jax.random.key(3), 3)
+    gate, up = 6.0 * jax.random.normal(k[0], (64, 16)), 6.0 * jax.random.normal(k[1], (64, 16))
+    w = jax.random.normal(k[2], (64, 16))
+    for limit in (0.0, 7.0):  # 7: some entries clamped on each side, none on the edge
+        def plain(g, u, limit=limit):
+            if limit > 0:
+                g, u = jnp.minimum(g, limit), jnp.clip(u, -limit, limit)
+            return jax.nn.silu(g) * u
+        np.testing.assert_allclose(swiglu(gate, up, limit), plain(gate, up), rtol=1e-6, atol=1e-6)
+        got = jax.grad(lambda g, u: jnp.sum(swiglu(g, u, limit) * w), argnums=(0, 1))(gate, up)
+        want = jax.grad(lambda g, u: jnp.sum(plain(g, u) * w), argnums=(0, 1))(gate, up)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert bool(jnp.any(jnp.abs(up) > 7.0)) and bool(jnp.any(gate > 7.0))
