@@ -160,8 +160,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_sche
             update_routing_bias(model, counts, gamma)
             return {"params": new_params, "rest": nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))), "opt": opt}
 
-        # a bad step keeps the state as it was: a branch, not a select over every leaf of the
-        # new and old states (a full extra pass over parameters and optimiser state per step)
+        # a bad step keeps the state as it was: the optimiser runs in a branch that a bad step
+        # skips, rather than a select between the new and the old value of every state leaf
         kept = jax.lax.cond(ok, apply, lambda _: {"params": params, "rest": rest, "opt": state.opt}, None)
         bad = jnp.where(ok, 0, state.bad + 1)
         load = counts.astype(F32)
