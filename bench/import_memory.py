@@ -6,7 +6,8 @@ Writes (once) a DeepSeek-named bf16 checkpoint of a ~1.7 GB model (`small` widen
 64 experts of 512, 8 layers) with model.export, then, in a fresh process with 8 emulated CPU
 devices, imports it onto a mesh (expert axis `--expert`, fsdp the rest) and prints the peak
 resident memory. On CPU devices the imported parameters themselves live in host memory, so the
-loader's own footprint is peak - (RSS before) - (bytes of the placed parameters).
+loader's own footprint is peak - (RSS before) - (bytes of the placed parameters); the last
+column is what `python -m plan` prints for it (plan.memory.import_host_bytes).
 """
 from __future__ import annotations
 
@@ -44,18 +45,21 @@ def child(path: str, expert: int) -> None:
     from flax import nnx
 
     from model import abstract, load_pretrained, preset
-    from parallel import MeshConfig, make_mesh
+    from parallel import MeshConfig, Rules, make_mesh
+    from plan.memory import import_host_bytes
 
     cfg = preset("small", **OVERRIDES)
     mesh = make_mesh(MeshConfig(data=1, fsdp=8 // expert, expert=expert), cfg)
     jax.block_until_ready(jax.device_put(np.zeros(8)))  # backend up before the baseline
     sizes = [int(np.prod(v.get_value().shape)) * 4 for _, v in nnx.to_flat_state(nnx.state(abstract(cfg)))]
+    shard, source = import_host_bytes(nnx.state(abstract(cfg), nnx.Param), Rules(), mesh, jax.local_device_count())
     before = _rss_gib()
     m = load_pretrained(path, mesh=mesh, dtype="float32")
     jax.block_until_ready(nnx.state(m))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"before": before, "peak": peak, "params": sum(sizes) / 2**30,
-                      "largest": max(sizes) / 2**30}))
+                      "largest": max(sizes) / 2**30,
+                      "planned": (jax.local_device_count() * shard + source) / 2**30}))
 
 
 def main(argv=None) -> int:
@@ -79,10 +83,11 @@ def main(argv=None) -> int:
                          check=True, env=env, cwd=ROOT, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     loader = r["peak"] - r["before"] - r["params"]
-    print(f"| checkpoint (bf16) | parameters placed (f32) | largest parameter (f32) | RSS before | peak RSS | loader's own peak |")
-    print(f"|---|---|---|---|---|---|")
+    print("| checkpoint (bf16) | parameters placed (f32) | largest parameter (f32) | RSS before | peak RSS "
+          "| loader's own peak | planner's figure (python -m plan) |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {ckpt:.2f} GiB | {r['params']:.2f} GiB | {r['largest']:.2f} GiB | {r['before']:.2f} GiB "
-          f"| {r['peak']:.2f} GiB | {loader:.2f} GiB |")
+          f"| {r['peak']:.2f} GiB | {loader:.2f} GiB | {r['planned']:.2f} GiB |")
     return 0
 
 

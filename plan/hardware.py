@@ -29,10 +29,11 @@ class Chip:
     devices_per_chip: int  # JAX devices per chip (TPU7x: one per TensorCore)
     units_per_chip: int    # what N in "family-N" counts per chip (TensorCores on v4 / v5p / TPU7x)
     torus: int             # torus dimensions of a TPU slice; 0 for GPUs
+    chips_per_host: int    # chips one host (one JAX process) drives
 
 
 _HBM_UNITS = {"hbm_gib": GiB, "hbm_mib": MiB}
-_FIELDS = ("kind", "peak_tflops", "devices_per_chip", "units_per_chip", "torus")
+_FIELDS = ("kind", "peak_tflops", "devices_per_chip", "units_per_chip", "torus", "chips_per_host")
 
 
 def load_chips(path=CATALOGUE) -> dict[str, Chip]:
@@ -50,7 +51,8 @@ def load_chips(path=CATALOGUE) -> dict[str, Chip]:
                    + ([f"give exactly one of hbm_gib / hbm_mib, not {hbm}"] if len(hbm) != 1 else []))
             raise PlanError(f"{path}: chip {family!r}: {'; '.join(why)}")
         chips[family] = Chip(str(e["kind"]), e[hbm[0]] * _HBM_UNITS[hbm[0]], e["peak_tflops"] * 1e12,
-                             int(e["devices_per_chip"]), int(e["units_per_chip"]), int(e["torus"]))
+                             int(e["devices_per_chip"]), int(e["units_per_chip"]), int(e["torus"]),
+                             int(e["chips_per_host"]))
     return chips
 
 
@@ -71,6 +73,11 @@ class Topology:
     @property
     def devices(self) -> int:
         return self.chips * self.chip.devices_per_chip
+
+    @property
+    def devices_per_host(self) -> int:
+        """JAX devices one process drives (a single host may hold fewer than a full host's chips)."""
+        return min(self.chips, self.chip.chips_per_host) * self.chip.devices_per_chip
 
     @property
     def tpu_name(self) -> str | None:

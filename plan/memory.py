@@ -146,6 +146,31 @@ def activations(run_cfg, layout) -> Activations:
     return Activations(per_seq, fixed, block)
 
 
+# --- importing a released checkpoint (model.load_pretrained, train.init_from) ----------------
+STACKED = ("layers", "experts")  # logical axes a checkpoint stores as one tensor per index
+
+
+def import_host_bytes(params, rules, mesh, local_devices: int) -> tuple[int, int]:
+    """(largest device shard of one parameter, largest checkpoint tensor in float32) in bytes, for
+    `params` (an nnx State of Params with their logical axes) laid out by `rules` on `mesh`.
+    model.load_pretrained fills one parameter at a time: jax.make_array_from_callback assembles
+    each of the process's `local_devices` shards before placing them, each shard from source
+    tensors read one at a time and dequantised to float32. So one process needs about
+    local_devices x shard + source bytes of host memory (replicas on one process share a shard:
+    an upper bound), never the checkpoint or a whole stacked parameter."""
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    shard = source = 0
+    for _, v in nnx.to_flat_state(params):
+        x = v.get_value()
+        names = v.get_metadata().get("out_sharding") or (None,) * x.ndim
+        local = NamedSharding(mesh, rules.spec(names)).shard_shape(x.shape)
+        shard = max(shard, math.prod(local) * x.dtype.itemsize)
+        source = max(source, 4 * math.prod(n for n, a in zip(x.shape, names) if a not in STACKED))
+    return shard, source
+
+
 # --- the estimate -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Memory:

@@ -8,7 +8,7 @@ import time
 from plan.compile import compile_step, compiled_total, libtpu_available
 from plan.flops import REMAT_FLOPS, flops_per_step, model_flops_per_device
 from plan.hardware import Chip, GiB, MiB, Topology
-from plan.memory import FIT_FRACTION, Memory, StateLayout, activations, estimate
+from plan.memory import FIT_FRACTION, Memory, StateLayout, activations, estimate, import_host_bytes
 from plan.search import check_mesh, suggest, why_not
 
 
@@ -67,6 +67,7 @@ def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: boo
             other = suggest(run_cfg, layout, act, topo.devices, chip.hbm)[0]
     fits = report_memory(run_cfg, mem, chip, out)
     report_storage(run_cfg, layout, sizes, out)
+    report_import(layout, sizes, topo, out)
     if not fits and other:
         out(f"  a mesh that fits: {_mesh_text(other)} (--mesh auto)")
     if sizes["tensor"] > 1:
@@ -112,6 +113,17 @@ def report_storage(run_cfg, layout, sizes, out) -> None:
     local = storage_bytes(cfg, layout.param_elements(abstract_mesh(sizes)), classes)
     out("weights stored as  " + " | ".join(f"{s} {whole[s] / GiB:,.1f} GiB ({local[s] / GiB:.2f} per device)"
                                            for s in STORAGES))
+
+
+def report_import(layout, sizes, topo: Topology, out) -> None:
+    """Host memory per process to start from a released checkpoint (train.init_from)."""
+    from parallel.mesh import abstract_mesh
+
+    n = topo.devices_per_host
+    shard, source = import_host_bytes(layout.param_state, layout.rules, abstract_mesh(sizes), n)
+    out(f"train.init_from / model.load_pretrained: host memory per process about {_size(n * shard + source)} "
+        f"({n} local devices x largest parameter shard {_size(shard)} + largest checkpoint tensor in "
+        f"float32 {_size(source)})")
 
 
 def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out, dump: str | None = None) -> bool:

@@ -28,31 +28,33 @@ def test_chip_catalogue(tmp_path):
     """plan/chips.yaml, loaded: the figures the catalogue had as code (copied here by hand), HBM
     in bytes and the peak in FLOP/s per JAX device; a malformed entry is refused by name."""
     GiB, MiB = 2 ** 30, 2 ** 20
-    want = {"v4": ("TPU v4", 32 * GiB, 275e12, 1, 2, 3), "v5e": ("TPU v5e", 16 * GiB, 197e12, 1, 1, 2),
-            "v5p": ("TPU v5p", 95 * GiB, 459e12, 1, 2, 3), "v6e": ("TPU v6e (Trillium)", 32 * GiB, 918e12, 1, 1, 2),
-            "tpu7x": ("TPU7x (Ironwood)", 96 * GiB, 1153.5e12, 2, 2, 3),
-            "h100": ("NVIDIA H100 SXM", 81559 * MiB, 989e12, 1, 1, 0),
-            "h200": ("NVIDIA H200", 143771 * MiB, 989e12, 1, 1, 0)}
+    want = {"v4": ("TPU v4", 32 * GiB, 275e12, 1, 2, 3, 4), "v5e": ("TPU v5e", 16 * GiB, 197e12, 1, 1, 2, 4),
+            "v5p": ("TPU v5p", 95 * GiB, 459e12, 1, 2, 3, 4),
+            "v6e": ("TPU v6e (Trillium)", 32 * GiB, 918e12, 1, 1, 2, 4),
+            "tpu7x": ("TPU7x (Ironwood)", 96 * GiB, 1153.5e12, 2, 2, 3, 4),
+            "h100": ("NVIDIA H100 SXM", 81559 * MiB, 989e12, 1, 1, 0, 8),
+            "h200": ("NVIDIA H200", 143771 * MiB, 989e12, 1, 1, 0, 8)}
     assert P.load_chips() == P.CHIPS == {k: P.Chip(*v) for k, v in want.items()}
     assert list(P.CHIPS) == list(want)  # the order error messages list them in
     bad = tmp_path / "chips.yaml"
     bad.write_text("x1:\n  kind: X\n  hbm_gib: 1\n  hbm_mib: 1024\n  peak_tflops: 1\n"
-                   "  devices_per_chip: 1\n  units_per_chip: 1\n")
+                   "  devices_per_chip: 1\n  units_per_chip: 1\n  chips_per_host: 4\n")
     with pytest.raises(P.PlanError, match=r"'x1': missing \['torus'\]; give exactly one of hbm_gib / hbm_mib"):
         P.load_chips(bad)
 
 
 def test_topology_names():
     t = P.parse_topology("v5p-1024")  # v5p-N counts TensorCores: 2 per chip, one JAX device per chip
-    assert (t.chips, t.shape, t.devices, t.tpu_name) == (512, (8, 8, 8), 512, "v5p:8x8x8")
+    assert (t.chips, t.shape, t.devices, t.tpu_name, t.devices_per_host) == (512, (8, 8, 8), 512, "v5p:8x8x8", 4)
     t = P.parse_topology("tpu7x-128")  # TPU7x: 2 TensorCores per chip, each its own JAX device
-    assert (t.chips, t.shape, t.devices) == (64, (4, 4, 4), 128)
+    assert (t.chips, t.shape, t.devices, t.devices_per_host) == (64, (4, 4, 4), 128, 8)
+    assert P.parse_topology("v5p-4").devices_per_host == 2  # one host with 2 chips
     assert P.parse_topology("v6e-256").shape == (16, 16)
     assert P.parse_topology("v5p-8").shape == (2, 2, 1)
     assert P.parse_topology("v5p-256").tpu_name == "v5p:4x4x8"
     assert P.parse_topology("v5p:4x4x12").devices == 192
     g = P.parse_topology("gpu:h200x64")
-    assert (g.devices, g.shape, g.tpu_name) == (64, (), None)
+    assert (g.devices, g.shape, g.tpu_name, g.devices_per_host) == (64, (), None, 8)
     for bad, words in (("v5p-6", "not a power of two"), ("v5p-7", "2 per chip"), ("v9-8", "TPU families"),
                        ("gpu:a100x8", "unknown GPU"), ("v6e:4x4x4", "2 dimensions")):
         with pytest.raises(P.PlanError, match=words):
@@ -94,6 +96,22 @@ def test_pod_param_bytes_exact(pod):
     assert got["params"] + got["rest"] == sum(b for _, _, b in shapes.values())
     # experts are split 16 ways and everything else 32 ways (fsdp): well under the global / 16
     assert layout.param_bytes / 512 < got["params"] < layout.param_bytes / 16
+
+
+def test_import_host_memory(pod):
+    """What one process holds while importing a released checkpoint onto v4-flash's pod mesh:
+    the largest per-device shard of one parameter (the rules' per-device shapes, by hand) and
+    the largest checkpoint tensor in float32: the vocab x dim embedding, since a stacked
+    parameter is stored one tensor per layer and expert (one expert matrix is dim x 2048)."""
+    from flax import nnx
+
+    cfg, layout = pod
+    mesh = abstract_mesh({"data": 1, "fsdp": 32, "expert": 16, "tensor": 1})
+    shard, source = P.import_host_bytes(layout.param_state, Rules(), mesh, 4)
+    params = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(layout.param_state)}
+    shapes = per_device_shapes(cfg.model, mesh, Rules())
+    assert shard == max(b for path, (_, _, b) in shapes.items() if path in params)
+    assert source == cfg.model.vocab_size * cfg.model.dim * 4
 
 
 def test_state_bytes_equal_the_real_sharded_state():
@@ -143,6 +161,7 @@ def test_pod_plan_and_suggestion(pod):
     assert P.plan(cfg, P.parse_topology("v5p-1024"), cfg.mesh, compile_=False, out=lines.append) == 0
     text = "\n".join(lines)
     assert "mesh: fsdp=32 x expert=16 (requested)" in text and ": fits" in text
+    assert "host memory per process about 3.22 GiB (4 local devices" in text  # train.init_from
     lines.clear()
     assert P.plan(cfg, P.parse_topology("v5p-256"), cfg.mesh, compile_=False, out=lines.append) == 1
     text = "\n".join(lines)
