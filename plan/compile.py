@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import time
 
-from plan.flops import hlo_flops
+from plan.flops import count_hlo_flops
 from plan.hardware import Topology
 
 
 def compile_step(run_cfg, layout, topo: Topology, mesh_cfg, dump: str | None = None):
-    """(compiled memory analysis, (FLOPs per device, loops of unknown trip count) from
-    plan/flops.py, seconds): the actual jitted train step lowered and compiled for the
+    """(compiled memory analysis, FLOPs per device (plan.flops.HloFlops), seconds): the actual jitted train step lowered and compiled for the
     slice's devices by libtpu on this host; `dump`: a directory for XLA's dump (optimised HLO,
     buffer assignment, the memory-usage report). Raises ImportError without libtpu."""
     import jax
@@ -49,7 +48,7 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg, dump: str | None = N
         lowered = jax.jit(step, donate_argnums=0, out_shardings=(out, None)).lower(state, batch)
         options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True} if dump else None
         compiled = lowered.compile(compiler_options=options)
-    return compiled.memory_analysis(), hlo_flops(compiled.as_text()), time.perf_counter() - t
+    return compiled.memory_analysis(), count_hlo_flops(compiled.as_text()), time.perf_counter() - t
 
 
 def libtpu_available() -> bool:

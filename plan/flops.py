@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,6 +51,21 @@ def model_flops_per_device(run_cfg, layout, devices: int) -> tuple[float, float]
     (the optimiser's spread evenly): what the compiled step should cost."""
     train = flops_per_step(run_cfg) * REMAT_FLOPS[run_cfg.model.remat] / devices
     return train, optimizer_flops(run_cfg, layout) / devices
+
+
+def kernel_fill(run_cfg, sizes: dict[str, int]) -> float:
+    """The fraction of the ragged transport's receive buffer that a balanced routing fills. The
+    grouped-matmul kernels (megablox gmm / tgmm) state FLOPs for the whole buffer, but their grid
+    follows the group sizes: they visit the filled rows only."""
+    from parallel.expert import ragged_capacity
+
+    ep = sizes["expert"]
+    if ep == 1:  # no transport: the kernels see exactly the routed pairs
+        return 1.0
+    shards = sizes["data"] * sizes["fsdp"] * ep
+    tokens = run_cfg.data.global_batch * run_cfg.data.seq_len / shards / run_cfg.train.micro_batches
+    pairs = round(tokens * run_cfg.model.n_activated_experts)
+    return pairs / ragged_capacity(pairs, ep, run_cfg.train.capacity_factor)
 
 
 # --- the compiled program's FLOPs, read from its optimised HLO ------------------------------
@@ -169,37 +185,55 @@ def _trip_count(cond, comps) -> int | None:
     return None
 
 
+class HloFlops(NamedTuple):
+    """Matmul FLOPs of a compiled program, loops included."""
+    dots: float      # dots and convolutions
+    kernels: float   # custom calls that state their FLOPs (Pallas kernels: their cost estimates)
+    unknown: int     # loops whose trip count is unknown (counted once)
+
+    @property
+    def total(self) -> float:
+        return self.dots + self.kernels
+
+
 def hlo_flops(text: str) -> tuple[float, int]:
     """(matmul FLOPs of the program in `text`, number of loops whose trip count is unknown)."""
+    counted = count_hlo_flops(text)
+    return counted.total, counted.unknown
+
+
+def count_hlo_flops(text: str) -> HloFlops:
+    """hlo_flops, with the Pallas kernels' stated FLOPs apart from the dots'."""
     comps, entry = _parse(text)
     shapes = {name: shape for instrs in comps.values() for name, shape, _, _ in instrs}
     unknown, memo = 0, {}
 
-    def total(comp: str, seen: tuple = ()) -> float:
+    def total(comp: str, seen: tuple = ()) -> np.ndarray:
         nonlocal unknown
         if comp not in comps or comp in seen:
-            return 0.0
+            return np.zeros(2)
         if comp in memo:
             return memo[comp]
-        flops = 0.0
+        flops = np.zeros(2)  # dots, kernels
         for instr in comps[comp]:
             name, shape, op, rest = instr
-            flops += _own_flops(instr, shapes)
+            flops[int(op == "custom-call")] += _own_flops(instr, shapes)
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
                 cond = re.search(r"condition=%?([\w.\-]+)", rest).group(1)
                 trips = _trip_count(comps.get(cond, []), comps)
                 unknown += trips is None
-                flops += (trips or 1) * total(body, seen + (comp,))
+                flops = flops + (trips or 1) * total(body, seen + (comp,))
                 continue
             called = _CALLS.findall(rest) + [c for group in _LIST_CALLS.findall(rest)
                                              for c in re.findall(r"%?([\w.\-]+)", group)]
             if op == "conditional":  # one branch runs: count the most expensive
-                flops += max((total(c, seen + (comp,)) for c in called), default=0.0)
+                flops = flops + max((total(c, seen + (comp,)) for c in called), key=sum, default=np.zeros(2))
             elif op not in ("reduce", "reduce-window", "scatter", "sort", "select-and-scatter", "all-reduce",
                             "reduce-scatter", "map"):
-                flops += sum(total(c, seen + (comp,)) for c in called)
+                flops = flops + sum((total(c, seen + (comp,)) for c in called), np.zeros(2))
         memo[comp] = flops
         return flops
 
-    return total(entry), unknown
+    dots, kernels = total(entry)
+    return HloFlops(float(dots), float(kernels), unknown)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from plan.compile import compile_step, compiled_total, libtpu_available
-from plan.flops import REMAT_FLOPS, flops_per_step, model_flops_per_device
+from plan.flops import REMAT_FLOPS, flops_per_step, kernel_fill, model_flops_per_device
 from plan.hardware import Chip, GiB, MiB, Topology
 from plan.memory import FIT_FRACTION, Memory, StateLayout, activations, estimate, import_host_bytes
 from plan.search import check_mesh, suggest, why_not
@@ -134,8 +134,7 @@ def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out, dum
     out(f"compiling the train step for {topo.tpu_name} ({topo.devices} devices) with libtpu ...")
     t = time.perf_counter()
     try:
-        ma, (flops, unknown), secs = compile_step(run_cfg, layout, topo, MeshConfig(**{a: sizes[a] for a in AXES}),
-                                                  dump)
+        ma, flops, secs = compile_step(run_cfg, layout, topo, MeshConfig(**{a: sizes[a] for a in AXES}), dump)
     except ImportError as e:
         out(f"compile: skipped ({e})")
         return True
@@ -158,10 +157,18 @@ def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out, dum
     out(f"estimate {_size(mem.total)} is {abs(gap):.0%} {'above' if gap > 0 else 'below'} the compiled total; "
         "trust the compiled figure (the buffers XLA will allocate), the estimate says what they are")
     train, optim = model_flops_per_device(run_cfg, layout, topo.devices)
-    out(f"FLOPs per device: compiled {flops:.3g} (its matmuls, loops x trip counts) vs model {train + optim:.3g} "
-        f"(forward + backward x {REMAT_FLOPS[run_cfg.model.remat]:.3g} remat {train:.3g} + Muon "
-        f"Newton-Schulz {optim:.3g}): ratio {flops / (train + optim):.2f}"
-        + (f"; {unknown} loop(s) of unknown trip count counted once" if unknown else ""))
+    model = train + optim
+    out(f"FLOPs per device: compiled {flops.total:.3g} (its matmuls, loops x trip counts: dots {flops.dots:.3g}, "
+        f"Pallas kernels {flops.kernels:.3g} at their stated cost) vs model {model:.3g} (forward + backward x "
+        f"{REMAT_FLOPS[run_cfg.model.remat]:.3g} remat {train:.3g} + Muon Newton-Schulz {optim:.3g}): "
+        f"ratio {flops.total / model:.2f}"
+        + (f"; {flops.unknown} loop(s) of unknown trip count counted once" if flops.unknown else ""))
+    fill = kernel_fill(run_cfg, sizes)
+    if flops.kernels and fill < 1:
+        done = flops.dots + fill * flops.kernels
+        out(f"  the grouped-matmul kernels state FLOPs for their whole receive buffer; their grid follows the "
+            f"group sizes, and a balanced routing fills {fill:.0%} of it (capacity factor "
+            f"{run_cfg.train.capacity_factor}): {done:.3g} FLOPs done, ratio {done / model:.2f}")
     if dump:
         out(f"XLA dump (optimised HLO, buffer assignment, *memory-usage-report.txt) in {dump}")
     return fits

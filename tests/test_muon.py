@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 from model.transformer import build
@@ -83,3 +83,28 @@ def test_sharded_equals_unsharded(tiny, axes):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert all(a.sharding == s for a, s in zip(jax.tree.leaves(got), jax.tree.leaves(shard)))
+
+
+@pytest.mark.parametrize("shape, spec", [((8,), P()), ((2, 4), P(None, None, "fsdp"))],
+                         ids=["replicated", "fsdp4-data2"])
+def test_replicas_split_the_newton_schulz(shape, spec):
+    """16 stacked 64 x 96 matrices on 8 devices: replicated on all 8 (one `data` axis), or their
+    columns over fsdp=4 and replicated over data=2. Each device orthogonalises 2 whole matrices:
+    the compiled program's matmul FLOPs per device (plan.hlo_flops) are exactly 1/8 of the
+    Newton-Schulz FLOPs of all 16 (they were 8x / 2x that before replicas split the work), and
+    the result equals the unsharded computation."""
+    from jax.sharding import NamedSharding
+
+    from plan.flops import hlo_flops
+    from train.muon import newton_schulz_flops, orthogonalize
+
+    mesh = jax.make_mesh(shape, ("data", "fsdp")[:len(shape)])
+    dims = MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+    coeffs = jax.numpy.asarray(NS_COEFFS, jax.numpy.float32)
+    x = np.random.default_rng(0).standard_normal((16, 64, 96)).astype(np.float32)
+    fn = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8, spec, mesh))
+    placed = jax.device_put(x, NamedSharding(mesh, spec))
+    flops, unknown = hlo_flops(fn.lower(placed).compile().as_text())
+    assert unknown == 0 and flops == newton_schulz_flops(x.shape, dims, len(NS_COEFFS)) / 8
+    want = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8))(x)
+    np.testing.assert_allclose(fn(placed), want, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,10 @@ exchanged with `all_to_all` over the axes sharding the matrix dimensions: the de
 its slice of every matrix but 1/k of them and receives the rest of those, so it holds whole
 matrices, 1/k of its group's; it orthogonalises them and the inverse exchange puts the slices
 back. Memory per device: its share of the parameter, once; compute: its share of the matrices.
+Mesh axes the parameter is replicated over (data; expert for the non-expert weights) split the
+matrices too: each replica orthogonalises 1/r of them and an all_gather over those axes gives
+every replica the whole result (before, all 64 expert-axis replicas of an attention matrix of
+v4-pro-pod ran its Newton-Schulz: the compiled step did 4.2x Muon's FLOPs).
 Batches that do not divide are padded with zero matrices (which stay zero).
 """
 from __future__ import annotations
@@ -58,28 +62,37 @@ def orthogonalize(x, dims: MuonDimensionNumbers, coeffs, eps: float, spec: P | N
     entries = tuple(spec) + (None,) * (x.ndim - len(spec)) if spec is not None else (None,) * x.ndim
     as_tuple = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))  # noqa: E731
     mat_axes = [as_tuple(entries[i]) for i in red + out]  # mesh axes of each matrix dim, major first
-    local = lambda xb: _whole_matrices(xb, batch, red, out, coeffs, eps, mat_axes, mesh)  # noqa: E731
-    if mesh is None or not any(mat_axes):
+    used = {a for e in entries for a in as_tuple(e)}
+    replicas = tuple(a for a in (mesh.axis_names if mesh is not None else ()) if a not in used and mesh.shape[a] > 1)
+    local = lambda xb: _whole_matrices(xb, batch, red, out, coeffs, eps, mat_axes, replicas, mesh)  # noqa: E731
+    if mesh is None or not (any(mat_axes) or replicas):
         return local(x)
     return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)
 
 
-def _whole_matrices(x, batch, red, out, coeffs, eps, mat_axes, mesh):
+def _whole_matrices(x, batch, red, out, coeffs, eps, mat_axes, replicas, mesh):
     """x's (local) matrices -> [b, matrix dims...]; all_to_all over each mesh axis sharding a
-    matrix dim (splitting b, completing that dim); Newton-Schulz; the inverse exchanges."""
+    matrix dim (splitting b, completing that dim); this replica's 1/r of them; Newton-Schulz;
+    all_gather over the `replicas` axes; the inverse exchanges."""
     perm = batch + red + out
     xt = x.transpose(perm)
     batch_shape = xt.shape[:len(batch)]
     xt = xt.reshape((-1,) + xt.shape[len(batch):])
     b = xt.shape[0]
     ways = math.prod(mesh.shape[a] for axes in mat_axes for a in axes) if mesh is not None else 1
-    if b % ways:
-        xt = jnp.concatenate([xt, jnp.zeros((ways - b % ways,) + xt.shape[1:], xt.dtype)])
+    r = math.prod(mesh.shape[a] for a in replicas) if replicas else 1
+    if b % (ways * r):
+        xt = jnp.concatenate([xt, jnp.zeros((ways * r - b % (ways * r),) + xt.shape[1:], xt.dtype)])
     moves = [(1 + j, a) for j, axes in enumerate(mat_axes) for a in reversed(axes)] if mesh is not None else []
     for dim, a in moves:  # a dim split over (major, minor) is completed minor first
         xt = jax.lax.all_to_all(xt, a, 0, dim, tiled=True)
+    if replicas:  # every replica holds the same matrices: each takes its 1/r
+        n = xt.shape[0] // r
+        xt = jax.lax.dynamic_slice_in_dim(xt, jax.lax.axis_index(replicas) * n, n, 0)
     m = math.prod(xt.shape[1:1 + len(red)])
     y = newton_schulz(xt.reshape(xt.shape[0], m, -1), coeffs, eps).reshape(xt.shape)
+    if replicas:
+        y = jax.lax.all_gather(y, replicas, axis=0, tiled=True)
     for dim, a in reversed(moves):
         y = jax.lax.all_to_all(y, a, dim, 0, tiled=True)
     return y[:b].reshape(batch_shape + y.shape[1:]).transpose(tuple(perm.index(i) for i in range(x.ndim)))
