@@ -55,3 +55,28 @@ def test_loops_with_wide_tuples_are_parsed():
     assert "/*index=5*/" in compiled.as_text()
     flops, unknown = hlo_flops(compiled.as_text())
     assert flops == LAYERS * 2 * B * D * D and unknown == 0
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_pallas_kernel_flops_apart(monkeypatch):
+    """The megablox grouped matmul compiled for a TPU is a custom call stating 2 m k n FLOPs for
+    its whole row buffer (whatever the group sizes): counted as kernel FLOPs, not dots."""
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from model.gmm import grouped_matmul
+    from plan import count_hlo_flops
+
+    devices = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices
+    at = NamedSharding(jax.sharding.Mesh([devices[0]], ("x",)), PartitionSpec())
+    m, k, n, e = 256, 128, 256, 4
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=at),
+            jax.ShapeDtypeStruct((e, k, n), jnp.bfloat16, sharding=at),
+            jax.ShapeDtypeStruct((e,), jnp.int32, sharding=at))
+    fn = jax.jit(lambda x, w, s: grouped_matmul(x, w, s, "megablox", jnp.float32))
+    with jax.default_matmul_precision("default"):  # Mosaic refuses bf16 operands at "highest" (conftest)
+        counted = count_hlo_flops(fn.lower(*args).compile().as_text())
+    assert (counted.dots, counted.kernels, counted.unknown) == (0, 2 * m * k * n, 0)

@@ -114,6 +114,17 @@ def test_import_host_memory(pod):
     assert source == cfg.model.vocab_size * cfg.model.dim * 4
 
 
+def test_kernel_fill():
+    """The share of the ragged receive buffer a balanced routing fills, by hand: v4-flash-pod on
+    v5p-1024 (fsdp=32 x expert=16) holds 512 x 4096 / 512 = 4096 tokens per device, 6 experts
+    each: 24,576 pairs in a buffer of 2 x 24,576 rows; v4-pro-pod (capacity 1.25): 24,576 of
+    30,720; without an expert axis the kernels see exactly the pairs."""
+    flash, pro = load_run_config(POD), load_run_config("configs/v4-pro-pod.yaml")
+    assert P.kernel_fill(flash, {"data": 1, "fsdp": 32, "expert": 16, "tensor": 1}) == 0.5
+    assert P.kernel_fill(pro, {"data": 1, "fsdp": 32, "expert": 64, "tensor": 1}) == 24576 / 30720
+    assert P.kernel_fill(flash, {"data": 1, "fsdp": 512, "expert": 1, "tensor": 1}) == 1.0
+
+
 def test_state_bytes_equal_the_real_sharded_state():
     """On 8 real (CPU) devices with data=2 x expert=2 x tensor=2, the plan's per-device bytes of
     parameters, routing tables and optimiser state equal what `python -m train`'s setup puts
