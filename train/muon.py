@@ -15,10 +15,14 @@ exchanged with `all_to_all` over the axes sharding the matrix dimensions: the de
 its slice of every matrix but 1/k of them and receives the rest of those, so it holds whole
 matrices, 1/k of its group's; it orthogonalises them and the inverse exchange puts the slices
 back. Memory per device: its share of the parameter, once; compute: its share of the matrices.
-Mesh axes the parameter is replicated over (data; expert for the non-expert weights) split the
-matrices too: each replica orthogonalises 1/r of them and an all_gather over those axes gives
-every replica the whole result (before, all 64 expert-axis replicas of an attention matrix of
-v4-pro-pod ran its Newton-Schulz: the compiled step did 4.2x Muon's FLOPs).
+Mesh axes the parameter is replicated over (data; expert for the non-expert weights) share the
+work of each matrix: every replica takes 1/r of the long dimension (n, columns), the m x m
+products X X^T (and the Frobenius norm) are summed over the replicas (`psum`), the m x m
+polynomial is repeated on each, and an all_gather puts the columns back. The dominant 4 m^2 n
+FLOPs per step are split r ways; the 2 m^3 ones are not. (There are fewer non-expert matrices
+than devices, 29 per stacked layer group against 2048 devices on v4-pro-pod: splitting whole
+matrices cannot spread them; every expert-axis replica running every one made the compiled
+step do 4.2x Muon's FLOPs there.)
 Batches that do not divide are padded with zero matrices (which stay zero).
 """
 from __future__ import annotations
@@ -32,14 +36,17 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers, MuonState
 
 
-def newton_schulz(x_bmn, coeffs, eps: float):
-    """Orthogonalise each matrix of x [b, m, n] (rows <= columns after an optional transpose)."""
-    tall = x_bmn.shape[1] > x_bmn.shape[2]
+def newton_schulz(x_bmn, coeffs, eps: float, column_axes: tuple = ()):
+    """Orthogonalise each matrix of x [b, m, n] (rows <= columns after an optional transpose).
+    With `column_axes` (inside shard_map), x holds this device's slice of the columns of
+    matrices whose other slices are on the devices along those mesh axes (m <= n already)."""
+    tall = not column_axes and x_bmn.shape[1] > x_bmn.shape[2]
     x = jnp.swapaxes(x_bmn, 1, 2) if tall else x_bmn
-    x = x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True)) + eps)
+    total = (lambda v: jax.lax.psum(v, column_axes)) if column_axes else (lambda v: v)  # noqa: E731
+    x = x / (jnp.sqrt(total(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))) + eps)
 
     def step(x, c):
-        a = jnp.einsum("bij,bkj->bik", x, x)
+        a = total(jnp.einsum("bij,bkj->bik", x, x))
         b = c[1] * a + c[2] * jnp.einsum("bij,bjk->bik", a, a)
         return c[0] * x + jnp.einsum("bij,bjk->bik", b, x), None
 
@@ -72,30 +79,41 @@ def orthogonalize(x, dims: MuonDimensionNumbers, coeffs, eps: float, spec: P | N
 
 def _whole_matrices(x, batch, red, out, coeffs, eps, mat_axes, replicas, mesh):
     """x's (local) matrices -> [b, matrix dims...]; all_to_all over each mesh axis sharding a
-    matrix dim (splitting b, completing that dim); this replica's 1/r of them; Newton-Schulz;
-    all_gather over the `replicas` axes; the inverse exchanges."""
+    matrix dim (splitting b, completing that dim); Newton-Schulz, each of the `replicas` taking
+    1/r of every matrix's long dimension; the inverse exchanges."""
     perm = batch + red + out
     xt = x.transpose(perm)
     batch_shape = xt.shape[:len(batch)]
     xt = xt.reshape((-1,) + xt.shape[len(batch):])
     b = xt.shape[0]
     ways = math.prod(mesh.shape[a] for axes in mat_axes for a in axes) if mesh is not None else 1
-    r = math.prod(mesh.shape[a] for a in replicas) if replicas else 1
-    if b % (ways * r):
-        xt = jnp.concatenate([xt, jnp.zeros((ways * r - b % (ways * r),) + xt.shape[1:], xt.dtype)])
+    if b % ways:
+        xt = jnp.concatenate([xt, jnp.zeros((ways - b % ways,) + xt.shape[1:], xt.dtype)])
     moves = [(1 + j, a) for j, axes in enumerate(mat_axes) for a in reversed(axes)] if mesh is not None else []
     for dim, a in moves:  # a dim split over (major, minor) is completed minor first
         xt = jax.lax.all_to_all(xt, a, 0, dim, tiled=True)
-    if replicas:  # every replica holds the same matrices: each takes its 1/r
-        n = xt.shape[0] // r
-        xt = jax.lax.dynamic_slice_in_dim(xt, jax.lax.axis_index(replicas) * n, n, 0)
     m = math.prod(xt.shape[1:1 + len(red)])
-    y = newton_schulz(xt.reshape(xt.shape[0], m, -1), coeffs, eps).reshape(xt.shape)
-    if replicas:
-        y = jax.lax.all_gather(y, replicas, axis=0, tiled=True)
+    y = xt.reshape(xt.shape[0], m, -1)
+    y = _columns_shared(y, coeffs, eps, replicas, mesh) if replicas else newton_schulz(y, coeffs, eps)
+    y = y.reshape(xt.shape)
     for dim, a in reversed(moves):
         y = jax.lax.all_to_all(y, a, dim, 0, tiled=True)
     return y[:b].reshape(batch_shape + y.shape[1:]).transpose(tuple(perm.index(i) for i in range(x.ndim)))
+
+
+def _columns_shared(x, coeffs, eps, replicas, mesh):
+    """Newton-Schulz of the matrices x [b, m, n] that every device along `replicas` holds: each
+    takes 1/r of the long dimension (zero-padded: zero columns stay zero), X X^T is summed over
+    them, and the slices are gathered back."""
+    tall = x.shape[1] > x.shape[2]
+    x = jnp.swapaxes(x, 1, 2) if tall else x
+    r, n = math.prod(mesh.shape[a] for a in replicas), x.shape[2]
+    if n % r:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, r - n % r)))
+    part = x.shape[2] // r
+    mine = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(replicas) * part, part, 2)
+    y = jax.lax.all_gather(newton_schulz(mine, coeffs, eps, replicas), replicas, axis=2, tiled=True)[:, :, :n]
+    return jnp.swapaxes(y, 1, 2) if tall else y
 
 
 def scale_by_muon(dims, coeffs, beta: float, consistent_rms: float, eps: float = 1e-8,
