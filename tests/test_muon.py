@@ -90,10 +90,10 @@ def test_sharded_equals_unsharded(tiny, axes):
 def test_replicas_share_the_newton_schulz(shape, spec, whole, share):
     """16 stacked 64 x 96 matrices on 8 devices: replicated on all 8 (one `data` axis), or their
     columns over fsdp=4 and replicated over data=2. Each device holds `whole` matrices after the
-    fsdp exchange and the `share` replicas split their columns: per step and matrix a device
-    does 4 m^2 n / share + 2 m^3 FLOPs (counted in the compiled program by plan.hlo_flops;
-    without the sharing it did 4 m^2 n + 2 m^3 on every replica), and the result equals the
-    unsharded computation."""
+    fsdp exchange and the `share` replicas split their columns and the rows of A A: per step
+    and matrix a device does (4 m^2 n + 2 m^3) / share FLOPs (counted in the compiled program by
+    plan.hlo_flops; without the sharing every replica did all of it), and the result equals
+    the unsharded computation."""
     from jax.sharding import NamedSharding
 
     from plan.flops import hlo_flops
@@ -107,6 +107,6 @@ def test_replicas_share_the_newton_schulz(shape, spec, whole, share):
     placed = jax.device_put(x, NamedSharding(mesh, spec))
     flops, unknown = hlo_flops(fn.lower(placed).compile().as_text())
     m, n = 64, 96
-    assert unknown == 0 and flops == whole * len(NS_COEFFS) * (4 * m * m * n / share + 2 * m ** 3)
+    assert unknown == 0 and flops == whole * len(NS_COEFFS) * (4 * m * m * n + 2 * m ** 3) / share
     want = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8))(x)
     np.testing.assert_allclose(fn(placed), want, rtol=1e-5, atol=1e-6)

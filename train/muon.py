@@ -17,9 +17,9 @@ matrices, 1/k of its group's; it orthogonalises them and the inverse exchange pu
 back. Memory per device: its share of the parameter, once; compute: its share of the matrices.
 Mesh axes the parameter is replicated over (data; expert for the non-expert weights) share the
 work of each matrix: every replica takes 1/r of the long dimension (n, columns), the m x m
-products X X^T (and the Frobenius norm) are summed over the replicas (`psum`), the m x m
-polynomial is repeated on each, and an all_gather puts the columns back. The dominant 4 m^2 n
-FLOPs per step are split r ways; the 2 m^3 ones are not. (There are fewer non-expert matrices
+products X X^T (and the Frobenius norm) are summed over the replicas (`psum`), each computes
+1/r of the rows of A A (all_gather of the m x m result), and an all_gather puts the columns
+back: each replica does 1/r of the FLOPs. (There are fewer non-expert matrices
 than devices, 29 per stacked layer group against 2048 devices on v4-pro-pod: splitting whole
 matrices cannot spread them; every expert-axis replica running every one made the compiled
 step do 4.2x Muon's FLOPs there.)
@@ -36,18 +36,25 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers, MuonState
 
 
-def newton_schulz(x_bmn, coeffs, eps: float, column_axes: tuple = ()):
+def newton_schulz(x_bmn, coeffs, eps: float, column_axes: tuple = (), r: int = 1):
     """Orthogonalise each matrix of x [b, m, n] (rows <= columns after an optional transpose).
-    With `column_axes` (inside shard_map), x holds this device's slice of the columns of
-    matrices whose other slices are on the devices along those mesh axes (m <= n already)."""
+    With `column_axes` (inside shard_map; r devices along them), x holds this device's slice of
+    the columns of matrices whose other slices are on those devices (m <= n already): X X^T is
+    summed over them, and when r divides m each computes r-th of the rows of A A."""
     tall = not column_axes and x_bmn.shape[1] > x_bmn.shape[2]
     x = jnp.swapaxes(x_bmn, 1, 2) if tall else x_bmn
     total = (lambda v: jax.lax.psum(v, column_axes)) if column_axes else (lambda v: v)  # noqa: E731
     x = x / (jnp.sqrt(total(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))) + eps)
+    rows = x.shape[1] // r if column_axes and x.shape[1] % r == 0 else 0
 
     def step(x, c):
         a = total(jnp.einsum("bij,bkj->bik", x, x))
-        b = c[1] * a + c[2] * jnp.einsum("bij,bjk->bik", a, a)
+        if rows:  # this device's rows of c1 A + c2 A A, then all of them
+            mine = jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(column_axes) * rows, rows, 1)
+            b = jax.lax.all_gather(c[1] * mine + c[2] * jnp.einsum("bij,bjk->bik", mine, a), column_axes,
+                                   axis=1, tiled=True)
+        else:
+            b = c[1] * a + c[2] * jnp.einsum("bij,bjk->bik", a, a)
         return c[0] * x + jnp.einsum("bij,bjk->bik", b, x), None
 
     x, _ = jax.lax.scan(step, x, coeffs.astype(x.dtype))
@@ -112,7 +119,7 @@ def _columns_shared(x, coeffs, eps, replicas, mesh):
         x = jnp.pad(x, ((0, 0), (0, 0), (0, r - n % r)))
     part = x.shape[2] // r
     mine = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(replicas) * part, part, 2)
-    y = jax.lax.all_gather(newton_schulz(mine, coeffs, eps, replicas), replicas, axis=2, tiled=True)[:, :, :n]
+    y = jax.lax.all_gather(newton_schulz(mine, coeffs, eps, replicas, r), replicas, axis=2, tiled=True)[:, :, :n]
     return jnp.swapaxes(y, 1, 2) if tall else y
 
 
