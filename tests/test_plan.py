@@ -114,6 +114,16 @@ def test_import_host_memory(pod):
     assert source == cfg.model.vocab_size * cfg.model.dim * 4
 
 
+def test_vocab_partials(pod):
+    """The embedding's and the head's gradients before their reduce-scatter, by hand: on
+    fsdp=32 x expert=16 (batch axes only) each device holds a full vocab x dim float32 partial
+    of both, twice (partial + collective buffer); tensor=2 splits the vocabulary."""
+    cfg, layout = pod
+    full = cfg.model.vocab_size * cfg.model.dim * 4
+    assert layout.vocab_partials(abstract_mesh({"data": 1, "fsdp": 32, "expert": 16, "tensor": 1})) == 4 * full
+    assert layout.vocab_partials(abstract_mesh({"data": 1, "fsdp": 16, "expert": 16, "tensor": 2})) == 2 * full
+
+
 def test_kernel_fill():
     """The share of the ragged receive buffer a balanced routing fills, by hand: v4-flash-pod on
     v5p-1024 (fsdp=32 x expert=16) holds 512 x 4096 / 512 = 4096 tokens per device, 6 experts
