@@ -57,7 +57,14 @@ def newton_schulz(x_bmn, coeffs, eps: float, column_axes: tuple = (), r: int = 1
             b = c[1] * a + c[2] * jnp.einsum("bij,bjk->bik", a, a)
         return c[0] * x + jnp.einsum("bij,bjk->bik", b, x), None
 
-    x, _ = jax.lax.scan(step, x, coeffs.astype(x.dtype))
+    if column_axes:
+        # unrolled: with the psum / all_gather inside the scan (itself inside the bad-step
+        # lax.cond), a 2-process CPU run hung when one process loaded the step from the
+        # compilation cache and the other compiled it (tests/test_multihost.py resume)
+        for i in range(coeffs.shape[0]):
+            x, _ = step(x, coeffs[i].astype(x.dtype))
+    else:
+        x, _ = jax.lax.scan(step, x, coeffs.astype(x.dtype))
     return jnp.swapaxes(x, 1, 2) if tall else x
 
 
