@@ -93,7 +93,8 @@ def test_replicas_share_the_newton_schulz(shape, spec, whole, share):
     fsdp exchange and the `share` replicas split their columns and the rows of A A: per step
     and matrix a device does (4 m^2 n + 2 m^3) / share FLOPs (counted in the compiled program by
     plan.hlo_flops; without the sharing every replica did all of it), and the result equals
-    the unsharded computation."""
+    the unsharded computation. Below train.muon.SHARE_MIN elements (the default) a matrix is
+    not shared: every replica does all of it."""
     from jax.sharding import NamedSharding
 
     from plan.flops import hlo_flops
@@ -103,10 +104,13 @@ def test_replicas_share_the_newton_schulz(shape, spec, whole, share):
     dims = MuonDimensionNumbers(reduction_axis=1, output_axis=2)
     coeffs = jax.numpy.asarray(NS_COEFFS, jax.numpy.float32)
     x = np.random.default_rng(0).standard_normal((16, 64, 96)).astype(np.float32)
-    fn = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8, spec, mesh))
+    fn = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8, spec, mesh, share_min=0))
     placed = jax.device_put(x, NamedSharding(mesh, spec))
     flops, unknown = hlo_flops(fn.lower(placed).compile().as_text())
     m, n = 64, 96
     assert unknown == 0 and flops == whole * len(NS_COEFFS) * (4 * m * m * n + 2 * m ** 3) / share
+    alone = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8, spec, mesh))  # 64 x 96 < SHARE_MIN
+    flops, _ = hlo_flops(alone.lower(placed).compile().as_text())
+    assert flops == whole * len(NS_COEFFS) * (4 * m * m * n + 2 * m ** 3)
     want = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8))(x)
     np.testing.assert_allclose(fn(placed), want, rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ its slice of every matrix but 1/k of them and receives the rest of those, so it 
 matrices, 1/k of its group's; it orthogonalises them and the inverse exchange puts the slices
 back. Memory per device: its share of the parameter, once; compute: its share of the matrices.
 Mesh axes the parameter is replicated over (data; expert for the non-expert weights) share the
-work of each matrix: every replica takes 1/r of the long dimension (n, columns), the m x m
+work of each matrix of at least SHARE_MIN elements: every replica takes 1/r of the long dimension (n, columns), the m x m
 products X X^T (and the Frobenius norm) are summed over the replicas (`psum`), each computes
 1/r of the rows of A A (all_gather of the m x m result), and an all_gather puts the columns
 back: each replica does 1/r of the FLOPs. (There are fewer non-expert matrices
@@ -76,15 +76,23 @@ def _axes(dims: MuonDimensionNumbers, ndim: int):
     return batch, red, out
 
 
-def orthogonalize(x, dims: MuonDimensionNumbers, coeffs, eps: float, spec: P | None = None, mesh=None):
+SHARE_MIN = 1 << 20  # elements of a matrix below which replicas repeat its Newton-Schulz
+
+
+def orthogonalize(x, dims: MuonDimensionNumbers, coeffs, eps: float, spec: P | None = None, mesh=None,
+                  share_min: int = SHARE_MIN):
     """Newton-Schulz of every matrix of x (axes per `dims`); with a mesh and x's PartitionSpec,
-    on whole matrices exchanged within the mesh (module docstring)."""
+    on whole matrices exchanged within the mesh, shared by the replicas when a matrix has at
+    least `share_min` elements (module docstring; below that the collectives cost more than the
+    FLOPs they save, and each unrolled shared iteration adds compile time)."""
     batch, red, out = _axes(dims, x.ndim)
     entries = tuple(spec) + (None,) * (x.ndim - len(spec)) if spec is not None else (None,) * x.ndim
     as_tuple = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))  # noqa: E731
     mat_axes = [as_tuple(entries[i]) for i in red + out]  # mesh axes of each matrix dim, major first
     used = {a for e in entries for a in as_tuple(e)}
-    replicas = tuple(a for a in (mesh.axis_names if mesh is not None else ()) if a not in used and mesh.shape[a] > 1)
+    big = math.prod(x.shape[i] for i in red + out) >= share_min
+    replicas = tuple(a for a in (mesh.axis_names if mesh is not None and big else ())
+                     if a not in used and mesh.shape[a] > 1)
     local = lambda xb: _whole_matrices(xb, batch, red, out, coeffs, eps, mat_axes, replicas, mesh)  # noqa: E731
     if mesh is None or not (any(mat_axes) or replicas):
         return local(x)
