@@ -18,7 +18,8 @@ Layout (each module imports only those above it):
   hardware.py  Chip, CHIPS (loaded from chips.yaml), Topology, parse_topology
   memory.py    StateLayout (the train state, abstractly), activation residuals, the estimate
   search.py    which meshes can run a config; the suggested mesh; why an estimate does not fit
-  flops.py     the model's FLOPs per step; hlo_flops: FLOPs of optimised HLO, loops included
+  flops.py     the model's FLOPs per step; hlo_flops: FLOPs of optimised HLO, loops included,
+               Pallas kernels apart (count_hlo_flops); kernel_fill: the grouped matmuls' filled rows
   compile.py   the ahead-of-time libtpu compile of the train step and its memory analysis
   report.py    plan(): the printed plan
   cli.py       the command line (__main__.py runs it)
@@ -36,8 +37,8 @@ from plan.search import MAX_EXPERT, check_mesh, suggest, why_not
 __all__ = [
     "CHIPS", "FIT_FRACTION", "MAX_EXPERT", "REMAT_FLOPS", "Activations", "Chip", "GiB", "HloFlops", "Memory", "MiB",
     "PlanError", "StateLayout", "Topology", "activations", "check_mesh", "compile_step", "compiled_total",
-    "count_hlo_flops", "kernel_fill",
-    "estimate", "flops_per_step", "import_host_bytes", "hlo_flops", "libtpu_available", "load_chips", "main",
+    "count_hlo_flops", "estimate", "flops_per_step", "hlo_flops", "import_host_bytes", "kernel_fill",
+    "libtpu_available", "load_chips", "main",
     "model_flops_per_device", "optimizer_flops", "parse_topology", "plan", "report_compile", "report_import",
     "report_memory", "report_storage", "residual_bytes", "suggest", "torus_shape", "why_not",
 ]

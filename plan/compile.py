@@ -16,9 +16,10 @@ from plan.hardware import Topology
 
 
 def compile_step(run_cfg, layout, topo: Topology, mesh_cfg, dump: str | None = None):
-    """(compiled memory analysis, FLOPs per device (plan.flops.HloFlops), seconds): the actual jitted train step lowered and compiled for the
-    slice's devices by libtpu on this host; `dump`: a directory for XLA's dump (optimised HLO,
-    buffer assignment, the memory-usage report). Raises ImportError without libtpu."""
+    """(compiled memory analysis, FLOPs per device (plan.flops.HloFlops), seconds): the actual
+    jitted train step lowered and compiled for the slice's devices by libtpu on this host;
+    `dump`: a directory for XLA's dump (optimised HLO, buffer assignment, the memory-usage
+    report). Raises ImportError without libtpu."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
