@@ -40,7 +40,7 @@ def newton_schulz(x_bmn, coeffs, eps: float, column_axes: tuple = (), r: int = 1
     """Orthogonalise each matrix of x [b, m, n] (rows <= columns after an optional transpose).
     With `column_axes` (inside shard_map; r devices along them), x holds this device's slice of
     the columns of matrices whose other slices are on those devices (m <= n already): X X^T is
-    summed over them, and when r divides m each computes r-th of the rows of A A."""
+    summed over them, and when r divides m each computes 1/r of the rows of A A."""
     tall = not column_axes and x_bmn.shape[1] > x_bmn.shape[2]
     x = jnp.swapaxes(x_bmn, 1, 2) if tall else x_bmn
     total = (lambda v: jax.lax.psum(v, column_axes)) if column_axes else (lambda v: v)  # noqa: E731
