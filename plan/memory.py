@@ -208,11 +208,21 @@ class Memory:
     saved: float      # activations kept for the backward
     working: float    # one block recomputed during the backward (remat), weight casts
     seqs: float       # sequences per device per micro-batch
-    partials: float = 0.0  # full-size embedding / head gradients before their reduce-scatter
+    partials: float   # full-size embedding / head gradients before their reduce-scatter
+
+    @property
+    def arguments(self) -> float:
+        """What the step takes in: the train state and the batch."""
+        return self.params + self.rest + self.opt + self.batch
+
+    @property
+    def temporaries(self) -> float:
+        """What the step allocates while it runs."""
+        return self.grads + self.saved + self.working + self.partials
 
     @property
     def total(self) -> float:
-        return self.params + self.rest + self.grads + self.opt + self.batch + self.saved + self.working + self.partials
+        return self.arguments + self.temporaries
 
     def rows(self, run_cfg) -> list[tuple[str, float]]:
         m = run_cfg.model

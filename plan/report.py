@@ -145,9 +145,9 @@ def report_compile(run_cfg, layout, topo: Topology, sizes, mem: Memory, out, dum
         return False
     compiled = compiled_total(ma)
     out(f"compiled in {secs:.1f} s; per device: arguments {_size(ma.argument_size_in_bytes)} "
-        f"(estimate {_size(mem.params + mem.rest + mem.opt + mem.batch)}), outputs "
+        f"(estimate {_size(mem.arguments)}), outputs "
         f"{_size(ma.output_size_in_bytes)} (aliased {_size(ma.alias_size_in_bytes)}), temporaries "
-        f"{_size(ma.temp_size_in_bytes)} (estimate {_size(mem.saved + mem.working + mem.grads + mem.partials)}), "
+        f"{_size(ma.temp_size_in_bytes)} (estimate {_size(mem.temporaries)}), "
         f"code {_size(ma.generated_code_size_in_bytes)}")
     hbm = topo.chip.hbm
     fits = compiled <= FIT_FRACTION * hbm
