@@ -14,7 +14,8 @@ from typing import Any, Mapping
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 MOE_IMPLS = ("auto", "dense", "ragged", "tiled", "megablox")  # model/gmm.py implements them
 REMATS = ("none", "full", "save_matmuls")
-QUANT_CHOICES = {"quant_matmul": ("none", "fp8"), "quant_experts": ("none", "fp8", "fp4"),
+QUANT_CHOICES = {"quant_matmul": ("none", "fp8"), "quant_matmul_impl": ("simulate", "native"),
+                 "quant_experts": ("none", "fp8", "fp4"),
                  "quant_kv": ("none", "fp8"), "quant_indexer": ("none", "fp4")}
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -22,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Fields that say how a run computes, not what the network is: a checkpoint made with other
 # values loads unchanged (train.init_from, model.load_pretrained's overrides).
 RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_max_period", "moe_impl", "attn_query_chunk",
-              "quant_matmul", "quant_experts", "quant_kv", "quant_indexer", "quant_block",
+              "quant_matmul", "quant_matmul_impl", "quant_experts", "quant_kv", "quant_indexer", "quant_block",
               "quant_fp4_block", "quant_kv_block", "init_std", "hash_seed")
 
 
@@ -119,6 +120,10 @@ class ModelConfig:
     # kv: the non-rope dims of every window and compressed KV entry, e4m3 in 1 x quant_kv_block;
     # indexer: Hadamard-rotated index queries and keys in fp4 (1 x quant_fp4_block)
     quant_matmul: str = "none"
+    # how the fp8 matmuls compute: "simulate" multiplies the fake-quantised operands in `dtype`;
+    # "native" multiplies the e4m3 values themselves (model.quant.fp8_einsum), for backends with
+    # FP8 matmuls; equal to the simulation up to the order of float32 sums
+    quant_matmul_impl: str = "simulate"
     quant_experts: str = "none"
     quant_kv: str = "none"
     quant_indexer: str = "none"

@@ -104,13 +104,15 @@ class Linear(nnx.Module):
     fp8=True marks one of DeepSeek's FP8 matmuls: with cfg.quant_matmul = "fp8" the input is
     fake-quantised (1 x cfg.quant_block blocks along its last axis) and so is the weight, in
     cfg.quant_block^2 tiles of (its contracted axis `in_axis`, its last axis), any other axis
-    (heads, groups) indexing separate matrices."""
+    (heads, groups) indexing separate matrices. cfg.quant_matmul_impl = "native" multiplies the
+    e4m3 values themselves (quant.fp8_einsum) instead of the dequantised ones."""
 
     def __init__(self, shape, axes, cfg: ModelConfig, rngs: nnx.Rngs, dtype: str | None = None,
                  fp8: bool = False, in_axis: int = 0):
         self.dtype = dtype or cfg.dtype
         self.fp8_site = fp8
         self.quant = cfg.quant_matmul if fp8 else "none"
+        self.native = self.quant == "fp8" and cfg.quant_matmul_impl == "native"
         self.block, self.in_axis = cfg.quant_block, in_axis
         self.w = normal(rngs, tuple(shape), axes, cfg.init_std, cfg.param_dtype)
 
@@ -124,6 +126,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x, spec: str = "...i,io->...o"):
         dt = dtype_of(self.dtype)
+        if self.native:
+            return quant.fp8_einsum(spec, x, self.w[...], self.block, self.in_axis, dt)
         return jnp.einsum(spec, self.quant_input(x).astype(dt), self.weight().astype(dt))
 
 

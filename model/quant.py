@@ -162,6 +162,70 @@ def qdq(x, fmt: str, block, scale_fmt: str = "ue8m0"):
     return _qdq(x, fmt, block, scale_fmt)
 
 
+# --- the real FP8 matmul ---------------------------------------------------------------------
+def _native_specs(spec: str, in_axis: int):
+    """einsum specs of fp8_einsum: (per-block products, x scales, w scales, block letter)."""
+    lhs, rest = spec.replace(" ", "").split(",")
+    rhs, out = rest.split("->")
+    c, z = lhs[-1], next(ch for ch in "zyxwvutsrqpnmlkjihgfedcba" if ch not in spec)
+    if "." in rhs or rhs[in_axis] != c or in_axis == len(rhs) - 1:
+        raise ConfigError(f"fp8_einsum: {spec!r} must contract x's last axis {c!r} with axis {in_axis} "
+                          "of the weight (not its last axis)")
+    # every summed letter other than the block's own stays in the products: x's and w's scales
+    # depend on it (o_groups of wo_b: one scale per group and block)
+    summed = "".join(ch for ch in lhs[:-1] if ch in rhs and ch not in out and ch != ".")
+    prods = f"{lhs[:-1]}{z}{c},{rhs[:in_axis]}{z}{rhs[in_axis:]}->{out}{summed}{z}"
+    return prods, f"{lhs[:-1]}{z}", f"{rhs[:in_axis]}{z}{rhs[in_axis + 1:]}", f"{out}{summed}{z}", out
+
+
+def _fp8_einsum_value(x, w, spec, block, in_axis, dtype):
+    prods, sx_spec, sw_spec, p_spec, out = _native_specs(spec, in_axis)
+    k = x.shape[-1]
+    xq, sx = quantize(x, "e4m3", block)                              # [..., K], [..., K/b]
+    wq, sw = quantize(jnp.moveaxis(w, in_axis, -2), "e4m3", (block, block))
+    wq = jnp.moveaxis(wq, -2, in_axis)                               # w's shape, e4m3
+    sw = jnp.moveaxis(jnp.repeat(sw, block, axis=-1), -2, in_axis)   # w's shape with K -> K/b
+    xq = xq.reshape(*x.shape[:-1], k // block, block)
+    wq = wq.reshape(*w.shape[:in_axis], k // block, block, *w.shape[in_axis + 1:])
+    p = jnp.einsum(prods, xq, wq, preferred_element_type=F32)      # e4m3 x e4m3 -> f32 per block
+    p = jnp.einsum(f"{p_spec},{sx_spec}->{p_spec}", p, sx)
+    return jnp.einsum(f"{p_spec},{sw_spec}->{out}", p, sw).astype(dtype)
+
+
+def _fp8_einsum_fwd(x, w, spec, block, in_axis, dtype):
+    return _fp8_einsum_value(x, w, spec, block, in_axis, dtype), (x, w)
+
+
+def _fp8_einsum_bwd(spec, block, in_axis, dtype, res, g):
+    x, w = res
+    xd = _qdq_value(x, "e4m3", (block,), "ue8m0").astype(dtype)
+    wm = jnp.moveaxis(w, in_axis, -2)
+    wd = jnp.moveaxis(_qdq_value(wm, "e4m3", (block, block), "ue8m0"), -2, in_axis).astype(dtype)
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), xd, wd)
+    gx, gw = vjp(g.astype(dtype))
+    return gx.astype(x.dtype), gw.astype(w.dtype)
+
+
+_fp8_einsum = jax.custom_vjp(_fp8_einsum_value, nondiff_argnums=(2, 3, 4, 5))
+_fp8_einsum.defvjp(_fp8_einsum_fwd, _fp8_einsum_bwd)
+
+
+def fp8_einsum(spec: str, x, w, block: int, in_axis: int = 0, dtype=F32):
+    """einsum(spec, x, w) as DeepSeek's FP8 GEMM, with e4m3 operands in the product itself: x in
+    1 x block blocks along its last axis (the contracted one), w in block x block tiles of (its
+    axis `in_axis`, its last axis), UE8M0 scales. One dot_general multiplies the e4m3 values
+    with float32 results per contracted block (a batch axis over the K / block blocks), each
+    block's products are scaled by its x and w scales and the blocks summed in float32; the
+    result is cast to `dtype`. It equals einsum(spec, qdq(x), the weight's qdq) up to the order
+    of float32 additions (the scales are powers of two). Memory: the per-block products are
+    K / block times the output. Gradient: straight-through, as the simulation's (the backward
+    multiplies the dequantised operands in `dtype`)."""
+    _blocks(x.shape[-1:], block, "x")
+    moved = [n for i, n in enumerate(w.shape) if i != in_axis]
+    _blocks((*moved[:-1], w.shape[in_axis], moved[-1]), (block, block), "w (contracted axis, last axis)")
+    return _fp8_einsum(x, w, spec, block, in_axis, jnp.dtype(dtype))
+
+
 # --- storage ------------------------------------------------------------------------------
 def ue8m0_encode(scales):
     """Power-of-two float32 scales -> uint8 exponent bytes (2^(byte - 127)); NaN -> 255."""

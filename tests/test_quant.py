@@ -213,6 +213,91 @@ def test_quantised_linear_is_the_matmul_of_the_rounded_operands():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+# --- the real FP8 matmul (quant_matmul_impl = native) -----------------------------------------
+NATIVE_CASES = [  # (spec, x shape, w shape, in_axis): the model's three kinds of fp8 Linear
+    ("...i,io->...o", (3, 5, 64), (64, 48), 0),           # wq_a, wkv, shared experts, MTP
+    ("bsq,qhk->bshk", (2, 3, 32), (32, 2, 48), 0),         # wq_b: heads are separate matrices
+    ("bsgo,god->bsd", (2, 3, 2, 32), (2, 32, 64), 1),      # wo_b: one matrix per group, summed
+]
+
+
+def _rounded_weight(w, in_axis, block):
+    return np.moveaxis(oracle_qdq(np.moveaxis(w, in_axis, -2), "e4m3", (block, block)), -2, in_axis)
+
+
+@pytest.mark.parametrize("spec,xs,ws,in_axis", NATIVE_CASES, ids=["plain", "heads", "groups"])
+def test_native_fp8_einsum_is_the_product_of_the_rounded_operands(spec, xs, ws, in_axis):
+    """The e4m3 values multiplied per block and scaled afterwards = the float64 product of the
+    operands rounded by the NumPy oracle; its gradient = the simulation's (straight-through)."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(xs) * np.exp(rng.uniform(-3, 3, xs))).astype(np.float32)
+    w = (rng.standard_normal(ws) * 0.05).astype(np.float32)
+    w.reshape(-1)[:16] = 0.0   # an all-zero stretch: blocks whose scale comes from the floor
+    want = np.einsum(spec, oracle_qdq(x, "e4m3", 16).astype(np.float64),
+                     _rounded_weight(w, in_axis, 16).astype(np.float64))
+    native = jax.jit(lambda a, b: quant.fp8_einsum(spec, a, b, 16, in_axis))
+    got = np.asarray(native(x, w))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+    def simulated(a, b):
+        b = jnp.moveaxis(quant.qdq(jnp.moveaxis(b, in_axis, -2), "e4m3", (16, 16)), -2, in_axis)
+        return jnp.einsum(spec, quant.qdq(a, "e4m3", 16), b)
+
+    ct = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    g_native = jax.grad(lambda a, b: jnp.sum(native(a, b) * ct), (0, 1))(x, w)
+    g_sim = jax.grad(lambda a, b: jnp.sum(simulated(a, b) * ct), (0, 1))(x, w)
+    for a, b in zip(g_native, g_sim):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7 * float(jnp.abs(b).max()))
+
+
+def test_native_fp8_model_equals_the_simulation():
+    """tiny (one CSA layer and the MTP block) with fp8 matmuls in 16 x 16 tiles, float32: the
+    native matmuls run at the 9 kinds of fp8 Linear and give the simulated model's logits and
+    MTP logits to float32 rounding (gradients: per kind, above)."""
+    from flax import nnx
+
+    from model.layers import Linear
+    cfg, sim = _tiny(quant_matmul="fp8", quant_block=16, dtype="float32", n_layers=1,
+                     compress_ratios=(4,), n_hash_layers=0)
+    native = _tiny(**{**cfg.to_dict(), "quant_matmul_impl": "native"})[1]
+    nnx.update(native, nnx.state(sim))  # the same weights
+    assert {p[-1] for p, m in nnx.iter_graph(native) if isinstance(m, Linear) and m.native} == FP8_LINEARS
+    ids = jax.random.randint(jax.random.key(0), (2, 24), 0, cfg.vocab_size)
+    forward = jax.jit(lambda graphdef, state: nnx.merge(graphdef, state)(ids), static_argnums=0)
+    (want, want_aux), (got, got_aux) = (forward(*nnx.split(m)) for m in (sim, native))
+    for a, b in zip((got, *got_aux.mtp_logits), (want, *want_aux.mtp_logits)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not __import__("plan").libtpu_available(), reason="libtpu not installed")
+def test_native_fp8_einsum_lowers_to_fp8_products_on_tpu7x(monkeypatch):
+    """Compiled for a TPU v7 chip (libtpu on the CPU host): the matmul's operands stay e4m3."""
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    devices = topologies.get_topology_desc("tpu7x:2x2x1", "tpu").devices
+    at = NamedSharding(jax.sharding.Mesh([devices[0]], ("x",)), PartitionSpec())
+    x = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=at)
+    w = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=at)
+    fn = jax.jit(lambda a, b: quant.fp8_einsum("...i,io->...o", a, b, 128, 0, jnp.bfloat16))
+    with jax.default_matmul_precision("default"):
+        hlo = fn.lower(x, w).compile().as_text()
+    assert product_operand_types(hlo) == [("f8e4m3fn", "f8e4m3fn")]
+
+
+def product_operand_types(hlo: str) -> list[tuple[str, ...]]:
+    """The element types of the operands of every matmul (dot / convolution) in compiled HLO."""
+    import re
+
+    types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo))
+    return [tuple(types[name] for name in re.findall(r"%[\w.-]+", operands))
+            for operands in re.findall(r" (?:convolution|dot)\(([^)]*)\)", hlo)]
+
+
 def test_quant_config_errors_name_the_field():
     from model import config
     with pytest.raises(ConfigError, match="quant_block: 128 does not divide dim = 64"):
