@@ -46,6 +46,9 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--speculative", action="store_true", help="greedy with MTP drafts (same output)")
     ap.add_argument("--fp8", action="store_true", help="MODEL1 FP8 KV cache (head_dim 512 models)")
+    ap.add_argument("--hold-quantized", action="store_true",
+                    help="hold the fp8 projections and quantised routed experts as codes + scales in memory "
+                         "(model/storage.py; same tokens, needs model.quant_matmul / quant_experts on)")
     ap.add_argument("--chunk", type=int, help="prefill chunk tokens (a multiple of every ratio)")
     ap.add_argument("--page-tokens", type=int, help="KV-cache page size in tokens")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.dtype=float32")
@@ -142,6 +145,10 @@ def _main(args) -> int:
     opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 speculative=args.speculative)
     check_inputs(cfg.model, prompts, args.max_new_tokens, args.max_len, **opts)   # before any build
+    if args.hold_quantized:
+        from model.storage import check_holdable
+
+        check_holdable(cfg.model)
     if args.run:
         from train.main import restore_run
 
@@ -151,6 +158,12 @@ def _main(args) -> int:
         model, where = build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), "random weights"
     model = unscan(model)                              # once, not in every generate call
     print(f"# {cfg.model.n_layers}-layer model, {where}", file=sys.stderr)
+    if args.hold_quantized:
+        from model.storage import hold_quantized
+
+        held = hold_quantized(model)
+        print(f"# weights held quantised: {(held['values'] + held['scales']) / 2**20:.2f} MiB of codes and "
+              f"scales, {held['other'] / 2**20:.2f} MiB other", file=sys.stderr)
     stats, total = {}, {"drafted": 0, "accepted": 0, "steps": 0}
     kw = dict(opts, seed=args.seed, stop_tokens=[tok.eos_id], fp8=args.fp8, chunk=args.chunk,
               page_tokens=args.page_tokens, max_len=args.max_len, stats=stats)

@@ -65,6 +65,15 @@ class HashTable(nnx.Variable):
     """Frozen token -> experts table of hash-routed layers (int32)."""
 
 
+class QuantValues(nnx.Variable):
+    """A weight held quantised for inference (model.storage.hold_quantized): e4m3 values, or
+    e2m1 codes packed two per byte (uint8, first element in the low nibble)."""
+
+
+class QuantScales(nnx.Variable):
+    """The UE8M0 scale bytes of a QuantValues weight, one per block (2^(byte - 127))."""
+
+
 def dtype_of(name: str):
     return jnp.dtype(name)
 
@@ -114,20 +123,42 @@ class Linear(nnx.Module):
         self.quant = cfg.quant_matmul if fp8 else "none"
         self.native = self.quant == "fp8" and cfg.quant_matmul_impl == "native"
         self.block, self.in_axis = cfg.quant_block, in_axis
+        self.in_end = in_axis - len(shape)  # the contracted axis counted from the end (layer stacks)
+        self.held = False                   # True: the weight is e4m3 values + scale bytes (hold_quantized)
         self.w = normal(rngs, tuple(shape), axes, cfg.init_std, cfg.param_dtype)
 
     def weight(self):
         """The weight as the matmul sees it (fake-quantised when quant is on)."""
+        if self.held:
+            tiles = (self.block, self.block)
+            values, scales = (jnp.moveaxis(v, self.in_end, -2) for v in (self.wq[...], self.ws[...]))
+            return jnp.moveaxis(quant.dequantize(values, quant.ue8m0_decode(scales), "e4m3", tiles),
+                                -2, self.in_end)
         w = self.w[...]
         return w if self.quant == "none" else fp8_weight(w, self.in_axis, self.block)
+
+    def hold_quantized(self):
+        """Replace the float weight by what the fp8 matmul sees, held as e4m3 values (wq) and
+        one UE8M0 byte per tile (ws): a quarter of float32's bytes. Inference only (a held
+        weight has no gradient); weight() is unchanged to the bit."""
+        if self.quant != "fp8":
+            raise ValueError("hold_quantized: this Linear is not an fp8 matmul (quant_matmul=fp8 sites only)")
+        meta = self.w.get_metadata()
+        values, scales = quant.quantize(jnp.moveaxis(self.w[...], self.in_end, -2), "e4m3",
+                                        (self.block, self.block))
+        self.wq = QuantValues(jnp.moveaxis(values, -2, self.in_end), **meta)
+        self.ws = QuantScales(jnp.moveaxis(quant.ue8m0_encode(scales), -2, self.in_end), **meta)
+        del self.w
+        self.held = True
 
     def quant_input(self, x):
         return x if self.quant == "none" else quant.qdq(x, "e4m3", self.block)
 
     def __call__(self, x, spec: str = "...i,io->...o"):
         dt = dtype_of(self.dtype)
-        if self.native:
-            return quant.fp8_einsum(spec, x, self.w[...], self.block, self.in_axis, dt)
+        if self.native:  # a held weight re-quantises to the same values
+            return quant.fp8_einsum(spec, x, self.weight() if self.held else self.w[...], self.block,
+                                    self.in_axis, dt)
         return jnp.einsum(spec, self.quant_input(x).astype(dt), self.weight().astype(dt))
 
 

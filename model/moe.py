@@ -21,7 +21,8 @@ from flax import nnx
 from . import quant
 from .config import ModelConfig
 from .gmm import choose_impl, grouped_matmul
-from .layers import HashTable, Linear, RoutingBias, constrain, dtype_of, fp8_weight, hooks, normal
+from .layers import (HashTable, Linear, QuantScales, QuantValues, RoutingBias, constrain, dtype_of,
+                     fp8_weight, hooks, normal)
 
 F32 = jnp.float32
 
@@ -92,6 +93,7 @@ class MoE(nnx.Module):
         self.w1 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w3 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w2 = normal(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pd)
+        self.held = False  # True: w1/w3/w2 are held quantised (hold_quantized), as *_q / *_s
         fs = f * cfg.n_shared_experts
         self.shared_w1 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, fp8=True)
         self.shared_w3 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, fp8=True)
@@ -100,12 +102,44 @@ class MoE(nnx.Module):
     def expert_weights(self):
         """(w1, w3, w2) as the routed experts' matmuls see them: fake-quantised per
         quant_experts (fp4: 1 x quant_fp4_block along each matrix's input; fp8: 2-D blocks)."""
+        if self.held:
+            return tuple(self._held_weight(n) for n in ("w1", "w3", "w2"))
         cfg, ws = self.cfg, (self.w1[...], self.w3[...], self.w2[...])
         if cfg.quant_experts == "fp4":
             return tuple(quant.qdq(w, "e2m1", (cfg.quant_fp4_block, 1)) for w in ws)
         if cfg.quant_experts == "fp8":
-            return tuple(fp8_weight(w, 1, cfg.quant_block) for w in ws)  # [E, in, out]: per expert
+            return tuple(fp8_weight(w, -2, cfg.quant_block) for w in ws)  # [..., E, in, out]: per expert
         return ws
+
+    def _expert_blocks(self):
+        cfg = self.cfg
+        return ("e2m1", (cfg.quant_fp4_block, 1)) if cfg.quant_experts == "fp4" else \
+            ("e4m3", (cfg.quant_block, cfg.quant_block))
+
+    def _held_weight(self, name):
+        fmt, block = self._expert_blocks()
+        values, scales = getattr(self, name + "_q")[...], getattr(self, name + "_s")[...]
+        if fmt == "e2m1":
+            values = quant.unpack_e2m1(values)
+        return quant.dequantize(values, quant.ue8m0_decode(scales), fmt, block)
+
+    def hold_quantized(self):
+        """Replace the routed experts' float weights by what their matmuls see: fp4 as e2m1
+        codes packed two per byte (along the output axis) plus one UE8M0 byte per 1 x
+        quant_fp4_block (DeepSeek's release format), or fp8 as e4m3 plus one byte per tile.
+        Inference only; expert_weights() is unchanged to the bit."""
+        if self.cfg.quant_experts == "none":
+            raise ValueError("hold_quantized: the routed experts are not quantised (quant_experts=none)")
+        fmt, block = self._expert_blocks()
+        for name in ("w1", "w3", "w2"):
+            var = getattr(self, name)
+            values, scales = quant.quantize(var[...], fmt, block)
+            if fmt == "e2m1":
+                values = quant.pack_e2m1(values)
+            setattr(self, name + "_q", QuantValues(values, **var.get_metadata()))
+            setattr(self, name + "_s", QuantScales(quant.ue8m0_encode(scales), **var.get_metadata()))
+            delattr(self, name)
+        self.held = True
 
     def expert_input(self, x):
         """Activations entering a routed expert matmul: e4m3 (1 x quant_block) when the experts

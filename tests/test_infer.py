@@ -474,6 +474,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
         "the run has no checkpoint yet": ["--run", str(run), "--prompt", "a"],
         "no config.yaml": ["--run", str(tmp_path), "--prompt", "a"],
         "line 1: not JSON": ["--batch-file", str(tmp_path / "bad.jsonl")],
+        "no weight is quantised": ["--prompt", "a", "--hold-quantized"],
     }
     for msg, args in cases.items():
         code, out, err = cli(capsys, *args)
@@ -508,6 +509,17 @@ def test_cli_streams_one_prompt(capsys, monkeypatch):
     code, _, err = cli(capsys, "--prompt", "To be", "--max-new-tokens", "4")
     assert code == 0 and "random weights" in err
     assert writes == [(0, "To be"), (1, "n"), (3, "\u00e9"), (4, "!"), (4, "\n")]
+
+
+def test_cli_holds_quantized_weights_with_the_same_tokens(capsys):
+    """--hold-quantized (fp8 projections + fp4 experts held as codes + scales): the completion of
+    the fake-quantised model, from the held bytes it reports."""
+    quantised = ["model.quant_matmul=fp8", "model.quant_experts=fp4", "model.quant_block=16",
+                 "model.n_layers=2", "model.compress_ratios=[0,4]", "model.n_hash_layers=1", "--prompt", "ROMEO:",
+                 "--max-new-tokens", "1", "--max-len", "16", "--chunk", "8", "--page-tokens", "8"]
+    outs = [cli(capsys, *quantised, *extra) for extra in ([], ["--hold-quantized"])]
+    assert [code for code, _, _ in outs] == [0, 0] and outs[0][1] == outs[1][1]
+    assert "weights held quantised:" in outs[1][2] and "weights held" not in outs[0][2]
 
 
 def test_cli_batch_file(tiny, capsys, tmp_path):

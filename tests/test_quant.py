@@ -10,6 +10,7 @@ import pytest
 
 from model import quant
 from model.config import ConfigError
+from sizes import SMALL
 
 # format -> (max, amax floor, mantissa bits, smallest normal exponent)
 SPEC = {"e4m3": (448.0, 1e-4, 3, -6), "e2m1": (6.0, 6.0 * 2.0 ** -126, 1, 0)}
@@ -296,6 +297,63 @@ def product_operand_types(hlo: str) -> list[tuple[str, ...]]:
     types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo))
     return [tuple(types[name] for name in re.findall(r"%[\w.-]+", operands))
             for operands in re.findall(r" (?:convolution|dot)\(([^)]*)\)", hlo)]
+
+
+# --- weights held quantised (model/storage.py) -------------------------------------------------
+def _quantised_elements(model):
+    from flax import nnx
+
+    from model.counts import weight_classes
+    classes = weight_classes(model)
+    return classes, {p: v.get_value().size for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                     if classes[tuple(p)] != "other"}
+
+
+def test_held_quantized_weights_compute_the_same_from_their_bytes():
+    """hold_quantized replaces the fp8 projections' and the fp4 routed experts' float weights by
+    codes + UE8M0 bytes (layers stacked for the scan included): the logits are the fake-quantised
+    model's to the bit, and the bytes held are the planner's per-format formula
+    (model.counts.storage_bytes, DeepSeek's fp8+fp4 release format) for exactly those weights."""
+    from flax import nnx
+
+    from model.counts import storage_bytes
+    from model.layers import QuantScales, QuantValues
+    from model.storage import held_bytes, hold_quantized
+    cfg, model = _tiny(quant_matmul="fp8", quant_experts="fp4", quant_block=16, dtype="float32", **SMALL)
+    ids = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
+    forward = jax.jit(lambda graphdef, state: nnx.merge(graphdef, state)(ids)[0], static_argnums=0)
+    want = forward(*nnx.split(model))
+    classes, quantised = _quantised_elements(model)
+    before = held_bytes(model)
+    held = hold_quantized(model)
+    np.testing.assert_array_equal(forward(*nnx.split(model)), want)
+    assert held["values"] + held["scales"] == storage_bytes(cfg, quantised, classes)["fp8+fp4"]
+    assert held["other"] == before["other"] - 4 * sum(quantised.values())  # their float32 bytes gone
+    assert not set(quantised) & {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert {type(v) for _, v in nnx.to_flat_state(nnx.state(model))} >= {QuantValues, QuantScales}
+
+
+def test_held_fp8_experts_are_the_fake_quantised_weights():
+    """quant_experts=fp8: the experts held as e4m3 128-style tiles (16 x 16 here) dequantise to
+    the fake-quantised weights bit for bit, in the planner's fp8 bytes."""
+    from model.counts import storage_bytes
+    from model.moe import MoE
+    from model.storage import hold_quantized
+    cfg, model = _tiny(quant_matmul="fp8", quant_experts="fp8", quant_block=16, **SMALL)
+    moes = [m for _, m in __import__("flax").nnx.iter_graph(model) if isinstance(m, MoE)]
+    want = [m.expert_weights() for m in moes]
+    classes, quantised = _quantised_elements(model)
+    held = hold_quantized(model)
+    for m, ws in zip(moes, want):
+        for a, b in zip(m.expert_weights(), ws):
+            np.testing.assert_array_equal(a, b)
+    assert held["values"] + held["scales"] == storage_bytes(cfg, quantised, classes)["fp8"]
+
+
+def test_holding_an_unquantised_model_is_an_error():
+    from model.storage import hold_quantized
+    with pytest.raises(ConfigError, match="no weight is quantised; set model.quant_matmul=fp8"):
+        hold_quantized(_tiny()[1])
 
 
 def test_quant_config_errors_name_the_field():
