@@ -24,6 +24,7 @@ PyTorch's float4_e2m1fn_x2 and DeepSeek's checkpoints store them).
 from __future__ import annotations
 
 import math
+import string
 
 import jax
 import jax.numpy as jnp
@@ -164,10 +165,11 @@ def qdq(x, fmt: str, block, scale_fmt: str = "ue8m0"):
 
 # --- the real FP8 matmul ---------------------------------------------------------------------
 def _native_specs(spec: str, in_axis: int):
-    """einsum specs of fp8_einsum: (per-block products, x scales, w scales, block letter)."""
+    """einsum specs of fp8_einsum: (per-block products, x scales' letters, w scales' letters,
+    the products' letters, the output's letters); the block index gets a letter unused in `spec`."""
     lhs, rest = spec.replace(" ", "").split(",")
     rhs, out = rest.split("->")
-    c, z = lhs[-1], next(ch for ch in "zyxwvutsrqpnmlkjihgfedcba" if ch not in spec)
+    c, z = lhs[-1], next(ch for ch in reversed(string.ascii_lowercase) if ch not in spec)
     if "." in rhs or rhs[in_axis] != c or in_axis == len(rhs) - 1:
         raise ConfigError(f"fp8_einsum: {spec!r} must contract x's last axis {c!r} with axis {in_axis} "
                           "of the weight (not its last axis)")

@@ -511,6 +511,7 @@ def test_cli_streams_one_prompt(capsys, monkeypatch):
     assert writes == [(0, "To be"), (1, "n"), (3, "\u00e9"), (4, "!"), (4, "\n")]
 
 
+@pytest.mark.slow
 def test_cli_holds_quantized_weights_with_the_same_tokens(capsys):
     """--hold-quantized (fp8 projections + fp4 experts held as codes + scales): the completion of
     the fake-quantised model, from the held bytes it reports."""

@@ -309,6 +309,7 @@ def _quantised_elements(model):
                      if classes[tuple(p)] != "other"}
 
 
+@pytest.mark.slow
 def test_held_quantized_weights_compute_the_same_from_their_bytes():
     """hold_quantized replaces the fp8 projections' and the fp4 routed experts' float weights by
     codes + UE8M0 bytes (layers stacked for the scan included): the logits are the fake-quantised
