@@ -130,10 +130,7 @@ class Linear(nnx.Module):
     def weight(self):
         """The weight as the matmul sees it (fake-quantised when quant is on)."""
         if self.held:
-            tiles = (self.block, self.block)
-            values, scales = (jnp.moveaxis(v, self.in_end, -2) for v in (self.wq[...], self.ws[...]))
-            return jnp.moveaxis(quant.dequantize(values, quant.ue8m0_decode(scales), "e4m3", tiles),
-                                -2, self.in_end)
+            return quant.dequantize_tiles(self.wq[...], quant.ue8m0_decode(self.ws[...]), self.in_end, self.block)
         w = self.w[...]
         return w if self.quant == "none" else fp8_weight(w, self.in_axis, self.block)
 
@@ -144,10 +141,9 @@ class Linear(nnx.Module):
         if self.quant != "fp8":
             raise ValueError("hold_quantized: this Linear is not an fp8 matmul (quant_matmul=fp8 sites only)")
         meta = self.w.get_metadata()
-        values, scales = quant.quantize(jnp.moveaxis(self.w[...], self.in_end, -2), "e4m3",
-                                        (self.block, self.block))
-        self.wq = QuantValues(jnp.moveaxis(values, -2, self.in_end), **meta)
-        self.ws = QuantScales(jnp.moveaxis(quant.ue8m0_encode(scales), -2, self.in_end), **meta)
+        values, scales = quant.quantize_tiles(self.w[...], self.in_end, self.block)
+        self.wq = QuantValues(values, **meta)
+        self.ws = QuantScales(quant.ue8m0_encode(scales), **meta)
         del self.w
         self.held = True
 

@@ -22,7 +22,7 @@ from . import quant
 from .config import ModelConfig
 from .gmm import choose_impl, grouped_matmul
 from .layers import (HashTable, Linear, QuantScales, QuantValues, RoutingBias, constrain, dtype_of,
-                     fp8_weight, hooks, normal)
+                     hooks, normal)
 
 F32 = jnp.float32
 
@@ -104,12 +104,11 @@ class MoE(nnx.Module):
         quant_experts (fp4: 1 x quant_fp4_block along each matrix's input; fp8: 2-D blocks)."""
         if self.held:
             return tuple(self._held_weight(n) for n in ("w1", "w3", "w2"))
-        cfg, ws = self.cfg, (self.w1[...], self.w3[...], self.w2[...])
-        if cfg.quant_experts == "fp4":
-            return tuple(quant.qdq(w, "e2m1", (cfg.quant_fp4_block, 1)) for w in ws)
-        if cfg.quant_experts == "fp8":
-            return tuple(fp8_weight(w, -2, cfg.quant_block) for w in ws)  # [..., E, in, out]: per expert
-        return ws
+        ws = (self.w1[...], self.w3[...], self.w2[...])
+        if self.cfg.quant_experts == "none":
+            return ws
+        fmt, block = self._expert_blocks()  # blocks on each expert's [in, out] (the last two axes)
+        return tuple(quant.qdq(w, fmt, block) for w in ws)
 
     def _expert_blocks(self):
         cfg = self.cfg

@@ -180,13 +180,27 @@ def _native_specs(spec: str, in_axis: int):
     return prods, f"{lhs[:-1]}{z}", f"{rhs[:in_axis]}{z}{rhs[in_axis + 1:]}", f"{out}{summed}{z}", out
 
 
+def quantize_tiles(w, axis: int, block: int):
+    """quantize(w, "e4m3", (block, block)) over the tiles of (w's axis `axis`, its last axis),
+    any other axis indexing separate matrices: (values in w's layout, scales in w's layout with
+    those two axes counted in blocks)."""
+    values, scales = quantize(jnp.moveaxis(w, axis, -2), "e4m3", (block, block))
+    return jnp.moveaxis(values, -2, axis), jnp.moveaxis(scales, -2, axis)
+
+
+def dequantize_tiles(values, scales, axis: int, block: int, dtype=F32):
+    """The inverse of quantize_tiles."""
+    out = dequantize(jnp.moveaxis(values, axis, -2), jnp.moveaxis(scales, axis, -2), "e4m3",
+                     (block, block), dtype)
+    return jnp.moveaxis(out, -2, axis)
+
+
 def _fp8_einsum_value(x, w, spec, block, in_axis, dtype):
     prods, sx_spec, sw_spec, p_spec, out = _native_specs(spec, in_axis)
     k = x.shape[-1]
     xq, sx = quantize(x, "e4m3", block)                              # [..., K], [..., K/b]
-    wq, sw = quantize(jnp.moveaxis(w, in_axis, -2), "e4m3", (block, block))
-    wq = jnp.moveaxis(wq, -2, in_axis)                               # w's shape, e4m3
-    sw = jnp.moveaxis(jnp.repeat(sw, block, axis=-1), -2, in_axis)   # w's shape with K -> K/b
+    wq, sw = quantize_tiles(w, in_axis, block)                       # w's shape, e4m3
+    sw = jnp.repeat(sw, block, axis=-1)                              # w's shape with K -> K/b
     xq = xq.reshape(*x.shape[:-1], k // block, block)
     wq = wq.reshape(*w.shape[:in_axis], k // block, block, *w.shape[in_axis + 1:])
     p = jnp.einsum(prods, xq, wq, preferred_element_type=F32)      # e4m3 x e4m3 -> f32 per block
@@ -201,8 +215,7 @@ def _fp8_einsum_fwd(x, w, spec, block, in_axis, dtype):
 def _fp8_einsum_bwd(spec, block, in_axis, dtype, res, g):
     x, w = res
     xd = _qdq_value(x, "e4m3", (block,), "ue8m0").astype(dtype)
-    wm = jnp.moveaxis(w, in_axis, -2)
-    wd = jnp.moveaxis(_qdq_value(wm, "e4m3", (block, block), "ue8m0"), -2, in_axis).astype(dtype)
+    wd = dequantize_tiles(*quantize_tiles(w, in_axis, block), in_axis, block, dtype)
     _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), xd, wd)
     gx, gw = vjp(g.astype(dtype))
     return gx.astype(x.dtype), gw.astype(w.dtype)

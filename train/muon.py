@@ -16,10 +16,10 @@ its slice of every matrix but 1/k of them and receives the rest of those, so it 
 matrices, 1/k of its group's; it orthogonalises them and the inverse exchange puts the slices
 back. Memory per device: its share of the parameter, once; compute: its share of the matrices.
 Mesh axes the parameter is replicated over (data; expert for the non-expert weights) share the
-work of each matrix of at least SHARE_MIN elements: every replica takes 1/r of the long dimension (n, columns), the m x m
-products X X^T (and the Frobenius norm) are summed over the replicas (`psum`), each computes
-1/r of the rows of A A (all_gather of the m x m result), and an all_gather puts the columns
-back: each replica does 1/r of the FLOPs. (There are fewer non-expert matrices
+work of each matrix of at least SHARE_MIN elements: every replica takes 1/r of the long
+dimension (n, columns), the m x m products X X^T (and the Frobenius norm) are summed over the
+replicas (`psum`), each computes 1/r of the rows of A A (all_gather of the m x m result), and
+an all_gather puts the columns back: each replica does 1/r of the FLOPs. (There are fewer non-expert matrices
 than devices, 29 per stacked layer group against 2048 devices on v4-pro-pod: splitting whole
 matrices cannot spread them; every expert-axis replica running every one made the compiled
 step do 4.2x Muon's FLOPs there.)
