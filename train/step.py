@@ -128,8 +128,11 @@ def make_grad_fn(graphdef, run_cfg):
             def body(acc, mb):
                 return jax.tree.map(jnp.add, acc, run(mb)), None
 
-            first = run(jax.tree.map(lambda x: x[0], micro))
-            (g, out), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
+            # zeros + the first micro-batch's values are those values exactly: one traced and
+            # compiled copy of the gradient (the scan's body), not a second one before the scan
+            shapes = jax.eval_shape(run, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (g, out), _ = jax.lax.scan(body, zeros, micro)
         sums, counts, dropped = out
         return g, sums, denoms, weights, counts, dropped
 
