@@ -34,7 +34,7 @@ def tiny():
 
 def run(tx, params, grads, shardings=None):
     """Parameters after one update per gradient (jitted, optionally on pinned shardings)."""
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)  # one compile, not one per eager operation and shape
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)

@@ -141,7 +141,7 @@ def test_state_bytes_equal_the_real_sharded_state():
     on the fullest device."""
     from train.main import setup
 
-    cfg = load_run_config(TINY, ["model.dtype=float32"])
+    cfg = load_run_config(TINY, ["model.dtype=float32", *SMALL_OVERRIDES])
     mesh = make_mesh(cfg.mesh, cfg.model, global_batch=cfg.data.global_batch)
     rules = Rules(cfg.rules)
     state, _, _ = setup(cfg, mesh, rules)
