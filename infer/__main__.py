@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from model.config import ConfigError
     from train.checkpoint import CheckpointError
+    from train.distributed import rare_full_gc
 
+    rare_full_gc()
     try:
         return _main(args)
     except (ConfigError, CheckpointError, OSError) as e:

@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     """Exit codes: 0 fits, 1 does not fit, 2 a configuration / topology error."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning needs no accelerator
+    from train.distributed import rare_full_gc
+
+    rare_full_gc()  # the planner traces the full-depth model
     import yaml
 
     from model.config import ConfigError

@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from model.config import ConfigError
     from train.config import load_run_config
+    from train.distributed import rare_full_gc
+
+    rare_full_gc()
 
     try:
         cfg = load_run_config(args.config, args.overrides)
