@@ -32,3 +32,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # removed by the process that made it (pytest's main process; xdist workers inherit it)
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+# The heaviest files first (worker-seconds of a full run; docs/benchmarks.md, "Test suite"):
+# `make test` hands whole files to the workers in collection order (--dist loadfile), so the
+# long ones start at once and the short ones fill in at the end, instead of one worker
+# finishing a long file alone while the other idles.
+HEAVY_FIRST = ["test_checkpoint.py", "test_parallel.py", "test_multihost.py", "test_train.py",
+               "test_infer.py", "test_plan.py", "test_quant.py", "test_muon.py", "test_model.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
