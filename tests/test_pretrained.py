@@ -322,6 +322,27 @@ def test_on_a_mesh_same_values_with_the_rules_shardings(ckpt, imported):
     assert m.embed.get_value().sharding.spec == P("tensor", "fsdp")
 
 
+def test_release_held_quantised_loses_nothing(ckpt):
+    """The release imported with DeepSeek's quantisation switched on (fp8 projections in 16 x 16
+    tiles here, fp4 experts in 1 x 32) and held quantised (model/storage.py): every held weight
+    dequantises to exactly the released value. Re-tiling a power-of-two-scaled e4m3 block into
+    smaller tiles only rescales its codes by powers of two, and the experts' e2m1 blocks are the
+    release's own, so holding a released checkpoint rounds nothing a second time."""
+    from model.layers import Linear
+    from model.moe import MoE
+    from model.storage import hold_quantized
+
+    m = load_pretrained(ckpt.path, dtype=CFG.dtype, quant_matmul="fp8", quant_experts="fp4", quant_block=16)
+    linears = [n for _, n in nnx.iter_graph(m) if isinstance(n, Linear) and n.quant == "fp8"]
+    moes = [n for _, n in nnx.iter_graph(m) if isinstance(n, MoE)]
+    released = [n.w[...] for n in linears] + [w for n in moes for w in (n.w1[...], n.w3[...], n.w2[...])]
+    hold_quantized(m)
+    held = [n.weight() for n in linears] + [w for n in moes for w in n.expert_weights()]
+    assert linears and moes
+    for a, b in zip(held, released):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_index_found_under_any_name(ckpt, imported, tmp_path):
     for f in ckpt.path.iterdir():
         (tmp_path / f.name).symlink_to(f)
