@@ -1,5 +1,5 @@
 """Several processes: the trainer as 2 processes x 4 CPU devices on 127.0.0.1 (gloo), against
-the 1-process 8-device run; checkpoints across process counts; SIGTERM to one process;
+the 1-process 8-device run; SIGTERM to one process; its checkpoint resumed on 1 process;
 different configurations on different processes; how a launch is detected."""
 import json
 import os
@@ -84,21 +84,30 @@ def one_process(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
+    """The 2-process run from step 0, SIGTERM to process 1 after 4 steps: both processes save
+    the step they reached (one checkpoint) and exit 0. (run_dir, outputs, the saved step)."""
     run_dir = tmp_path_factory.mktemp("two")
-    codes, outs = finish(start(run_dir))
+    procs = start(run_dir, "checkpoint.interval_steps=100")
+    wait_for_steps(run_dir, procs, 4)
+    procs[1].send_signal(signal.SIGTERM)
+    codes, outs = finish(procs)
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
-    return run_dir, outs
+    saved = int(outs[0].split("SIGTERM: checkpointed step ")[1].split(";")[0])
+    return run_dir, outs, saved
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_equal_one(one_process, two_processes):
-    run_dir, outs = two_processes
+    """Every step the 2-process run took (from its sharded initialisation on) has the 1-process
+    run's loss; only process 0 reports; SIGTERM to process 1 saved one step on both."""
+    run_dir, outs, saved = two_processes
     assert "explicit: process 1 of 2" in outs[1]
-    assert f"step {STEPS}/{STEPS}" in outs[0] and f"step {STEPS}/" not in outs[1]  # only process 0 reports
+    assert f"step {saved}/{STEPS}" in outs[0] and f"step {saved}/" not in outs[1]  # only process 0 reports
+    assert 4 <= saved < STEPS and os.listdir(run_dir / "checkpoints") == [str(saved)]
     one, two = losses(one_process), losses(run_dir)
-    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-6)
+    assert sorted(one) == list(range(1, STEPS + 1)) and sorted(two) == list(range(1, saved + 1))
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(two)], rtol=1e-6)
 
 
 def wait_for_steps(run_dir, procs, n):
@@ -109,38 +118,19 @@ def wait_for_steps(run_dir, procs, n):
         time.sleep(0.05)
 
 
-def resume_from(tmp_path, source, step, name):
-    run_dir = tmp_path / name
-    os.makedirs(run_dir / "checkpoints")
-    shutil.copytree(source / "checkpoints" / str(step), run_dir / "checkpoints" / str(step))
-    return run_dir
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_checkpoints_cross_process_counts_and_sigterm_to_one_process(one_process, two_processes, tmp_path):
-    """The 2-process run's step 8 resumes on 1 process, the 1-process run's step 4 on 2
-    processes: the losses are the 1-process run's. SIGTERM to process 1 of the 2-process
-    resume: both processes save the same step (one checkpoint) and exit 0."""
-    two_dir, _ = two_processes
-    want = losses(one_process)
-    run_dir = resume_from(tmp_path, two_dir, 8, "on1")
+def test_checkpoint_of_two_processes_resumes_on_one(one_process, two_processes, tmp_path):
+    """The 2-process run's SIGTERM checkpoint resumes on 1 process: the losses of the steps
+    after it are the 1-process run's. (A 1-process checkpoint restored onto other device
+    counts and meshes: tests/test_checkpoint.py.)"""
+    two_dir, _, saved = two_processes
+    run_dir = tmp_path / "on1"
+    shutil.copytree(two_dir / "checkpoints" / str(saved), run_dir / "checkpoints" / str(saved))
     codes, outs = finish(start(run_dir, processes=1))
-    assert codes == [0] and "resumed from step 8" in outs[0], outs[0][-3000:]
-    got = losses(run_dir)
-    assert sorted(got) == list(range(9, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
-
-    run_dir = resume_from(tmp_path, one_process, 4, "on2")
-    procs = start(run_dir, "checkpoint.interval_steps=100")
-    wait_for_steps(run_dir, procs, 2)
-    procs[1].send_signal(signal.SIGTERM)
-    codes, outs = finish(procs)
-    assert codes == [0, 0] and "resumed from step 4" in outs[0], "\n".join(o[-3000:] for o in outs)
-    saved = int(outs[0].split("SIGTERM: checkpointed step ")[1].split(";")[0])
-    assert 4 < saved < STEPS and set(os.listdir(run_dir / "checkpoints")) == {"4", str(saved)}
-    got = losses(run_dir)
-    assert sorted(got) == list(range(5, saved + 1))
+    assert codes == [0] and f"resumed from step {saved}" in outs[0], outs[0][-3000:]
+    got, want = losses(run_dir), losses(one_process)
+    assert sorted(got) == list(range(saved + 1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-6)
 
 
