@@ -1,4 +1,5 @@
 """Every test sees 8 emulated CPU devices and float32 matmuls at full precision."""
+import gc
 import os
 
 # The suite is compile-bound (tiny models, a few steps). LLVM's optimisation level 0: the
@@ -13,6 +14,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAGS).strip
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -38,10 +40,21 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 # `make test` hands whole files to the workers in collection order (--dist loadfile), so the
 # long ones start at once and the short ones fill in at the end, instead of one worker
 # finishing a long file alone while the other idles.
-HEAVY_FIRST = ["test_checkpoint.py", "test_parallel.py", "test_multihost.py", "test_train.py",
-               "test_infer.py", "test_plan.py", "test_quant.py", "test_muon.py", "test_model.py"]
+HEAVY_FIRST = ["test_checkpoint.py", "test_parallel.py", "test_train.py", "test_infer.py",
+               "test_multihost.py", "test_plan.py", "test_quant.py", "test_muon.py", "test_model.py",
+               "test_pretrained.py"]
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs():
+    """After each test file, JAX's in-memory caches of traced and compiled programs are dropped
+    and collected: a worker holds one file's programs, not those of every file it ran (a
+    program needed again is read back from the session's persistent cache)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
