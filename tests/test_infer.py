@@ -3,9 +3,10 @@
 The tiny preset cut to its first 3 layers (window + hash routing, CSA ratio 4 with index_topk
 4, HCA ratio 16; one MTP block; the other 3 layers repeat these kinds and would double every
 compile of the unscanned decode model) over 56 tokens: the window ring wraps three times, CSA
-layers see up to 14 blocks of which the indexer keeps 4, HCA layers see 3. Float caches must reproduce the forward's logits to float32 rounding
-(1e-5 of the largest logit: the two paths sum the same terms in a different order); FP8 caches
-are checked byte for byte against infer.kvformat and numerically with an FP8-sized tolerance.
+layers see up to 14 blocks of which the indexer keeps 4, HCA layers see 3. Float caches must
+reproduce the forward's logits to float32 rounding (1e-5 of the largest logit: the two paths
+sum the same terms in a different order); FP8 caches are checked byte for byte against
+infer.kvformat and numerically with an FP8-sized tolerance.
 Greedy generation is checked against Hugging Face transformers' `generate`, speculative
 decoding against plain greedy decoding, sharded decoding against one device, and the CLI
 in-process. Compiles dominate the time: the tests share the module fixtures and the cache /
