@@ -72,7 +72,7 @@ def _quantize(kv):
     x = kv[..., :D_NOPE].astype(jnp.float32).reshape(pages, bsz, N_TILES, TILE)
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
     scale = pow2_ceil(jnp.maximum(amax / jnp.float32(E4M3_MAX), jnp.float32(SCALE_FLOOR)))
-    scale = jnp.where(jnp.isfinite(amax), scale, jnp.nan)     # pow2_ceil(inf) is not inf
+    scale = jnp.where(jnp.isfinite(amax), scale, jnp.nan)     # pow2_ceil(NaN) is not NaN
     codes = _bytes((x / scale).astype(jnp.float8_e4m3fn)).reshape(pages, bsz, D_NOPE)
     rows = jnp.concatenate([codes, _bytes(kv[..., D_NOPE:])], axis=-1)          # [P, B, 576]
     scales = jnp.concatenate([ue8m0_encode(scale[..., 0]),

@@ -76,10 +76,15 @@ def _block_axes(ndim_split: int, block) -> tuple[int, ...]:
 
 
 def pow2_ceil(s):
-    """The smallest power of two >= s (s > 0, float32), exactly: from the binary exponent."""
-    m, e = jnp.frexp(s)                      # s = m * 2^e, m in [0.5, 1)
-    e = jnp.where(m == 0.5, e - 1, e)        # s is already a power of two
-    return jnp.ldexp(jnp.ones_like(s), e)
+    """The smallest power of two >= s (s > 0, float32), exactly, on the bits: a normal number's
+    non-zero mantissa carries into the exponent, then the mantissa is cleared; a subnormal's
+    bits are an integer times 2^-149, rounded up to a power of two. A few integer ops per
+    element (frexp / ldexp's jitted bodies were traced and lowered again for every new shape;
+    float arithmetic would flush subnormals to zero on CPU)."""
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    normal = (bits + jnp.uint32(0x7FFFFF)) & jnp.uint32(0xFF800000)
+    subnormal = jnp.uint32(1) << (jnp.uint32(32) - jax.lax.clz(bits - jnp.uint32(1)))
+    return jax.lax.bitcast_convert_type(jnp.where(bits < 0x800000, subnormal, normal), F32)
 
 
 def _scales(xb, fmt: str, block, scale_fmt: str):

@@ -97,6 +97,21 @@ def test_ue8m0_scales_are_powers_of_two_rounded_up():
     np.testing.assert_array_equal(np.asarray(quant.ue8m0_decode(quant.ue8m0_encode(scales))), scales)
 
 
+def test_pow2_ceil_on_every_exponent():
+    """pow2_ceil (integer ops on the bits) against NumPy's frexp in float64: every power of two
+    of float32 (normal and subnormal), the next float above each, random values over the whole
+    range; the largest float rounds up to inf."""
+    rng = np.random.default_rng(0)
+    pows = 2.0 ** np.arange(-149, 128)
+    x = np.concatenate([pows, np.nextafter(pows[:-1].astype(np.float32), np.float32(np.inf)),
+                        rng.uniform(0.5, 1.0, 20000) * 2.0 ** rng.integers(-148, 128, 20000)]).astype(np.float32)
+    m, e = np.frexp(x.astype(np.float64))
+    with np.errstate(over="ignore"):
+        want = np.ldexp(1.0, np.where(m == 0.5, e - 1, e)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(quant.pow2_ceil(jnp.asarray(x))), want)
+    assert np.isinf(np.asarray(quant.pow2_ceil(jnp.float32(np.finfo(np.float32).max))))
+
+
 def test_non_finite_input_gives_nan_blocks():
     x = np.ones((3, 64), np.float32)
     x[0, 5], x[1, 7] = np.inf, np.nan
