@@ -4,9 +4,10 @@ In-process: fingerprints, corrupt / truncated / deleted files and foreign metada
 the previous step, a checkpoint of another model names the parameter, a restore onto other
 meshes is exact. Subprocesses (`python -m train`, sharing a persistent compilation cache):
 kill -9 during an asynchronous save and SIGTERM then resume bit for bit, every document
-once per epoch across the interruptions, NaN gradients skipped and K of them stopping the run,
-a read-only directory and a failing background write reported, a data=2 x expert=2 x tensor=2
-checkpoint restored on data=8 and on 4 devices, and resumed on 4 devices.
+once per epoch across the interruptions, NaN steps skipped and K of them stopping the run (a
+NaN loss weight in the batch: the reference run's program, read from the cache), a read-only
+directory and a failing background write reported, a data=2 x expert=2 x tensor=2 checkpoint
+restored on data=8 and on 4 devices, and resumed on 4 devices.
 """
 import ctypes
 import glob
@@ -390,6 +391,7 @@ def test_nan_steps_are_skipped_and_k_of_them_stop_the_run(work):
     assert code == 3 and "stopping: 3 consecutive steps with a non-finite" in out, out[-3000:]
     rec = {r["step"]: r for r in records(run_dir)}
     assert rec[4]["skipped_steps"] == 1 and rec[4]["bad_streak"] == 1 and not np.isfinite(rec[4]["grad_norm"])
+    assert "fault injection: NaN loss weights at steps [3, 8, 9, 10]" in out
     assert rec[5]["bad_streak"] == 0 and np.isfinite(rec[5]["loss"]) and rec[11]["bad_streak"] == 3
     assert committed(run_dir)[-1] == 8  # steps 9-11 were bad: nothing after step 8 was saved
     assert "step 4: not checkpointed" in out
@@ -397,20 +399,22 @@ def test_nan_steps_are_skipped_and_k_of_them_stop_the_run(work):
 
 @pytest.mark.slow
 def test_nan_step_leaves_the_state_bit_for_bit(work, fast_state):
-    """One jitted step with NaN gradients injected: params, biases and optimiser state are the
-    input's exactly; step advances, both bad-step counters count it."""
+    """One jitted step on a batch with a NaN loss weight (what DEEPFLAX_FAULT_NAN_STEPS injects):
+    loss and gradient norm are NaN; params, biases and optimiser state are the input's exactly;
+    step advances, both bad-step counters count it."""
     from parallel import sharded
     from train.data import make_iterator
 
     cfg = load_run_config(TINY, overrides(work, work / "unused", "mesh.expert=1", "mesh.tensor=1",
                                           "mesh.data=1"))
     mesh = make_mesh(cfg.mesh, cfg.model, devices=jax.devices()[:1], global_batch=8)
-    _, shardings, step_fn = setup(cfg, mesh, Rules(cfg.rules), nan_steps=(0,), abstract=True)
+    _, shardings, step_fn = setup(cfg, mesh, Rules(cfg.rules), abstract=True)
     state = jax.device_put(fast_state[1], shardings)  # the module's state, on one device
-    batch = {k: jnp.asarray(v) for k, v in next(make_iterator(cfg.data)).items() if k != "doc_ids"}
+    batch = {k: np.asarray(v) for k, v in next(make_iterator(cfg.data)).items() if k != "doc_ids"}
+    batch["loss_mask"][3, 5] = np.nan
     with sharded(mesh, Rules(cfg.rules), "auto", None):
-        new, metrics = jax.jit(step_fn)(state, batch)
-    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+        new, metrics = jax.jit(step_fn)(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert not np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
     for part in ("params", "rest", "opt"):
         assert_same(getattr(new, part), getattr(state, part))
     assert (int(new.step), int(new.bad), int(new.skipped)) == (1, 1, 1)

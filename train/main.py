@@ -71,8 +71,7 @@ def main(argv=None) -> int:
         return code
 
 
-def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = (), pretrained: bool = False,
-          abstract: bool = False):
+def setup(cfg, mesh, rules, pretrained: bool = False, abstract: bool = False):
     """(train state on `mesh`, its shardings, the un-jitted step function) for a RunConfig:
     the model initialised into its shards (or, with `pretrained`, read from
     train.init_from), the optimiser state beside it. With `abstract`, the state is
@@ -102,7 +101,7 @@ def setup(cfg, mesh, rules, nan_steps: tuple[int, ...] = (), pretrained: bool = 
     else:
         graphdef, state = init_state(model, tx, mesh)
         state, shardings = place_state(state, mesh)
-    step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps), nan_steps)
+    step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps))
     return state, shardings, step_fn
 
 
@@ -158,8 +157,10 @@ def check_same_architecture(ckpt, run, field: str) -> None:
 
 
 def fault_nan_steps() -> tuple[int, ...]:
-    """DEEPFLAX_FAULT_NAN_STEPS="3,7-9": step indices whose gradients are replaced by NaN
-    (fault injection for the bad-step tests; empty in normal runs)."""
+    """DEEPFLAX_FAULT_NAN_STEPS="3,7-9": step indices (0-based, as the state counts them) whose
+    batch gets a NaN loss weight, so that their loss and gradients are NaN (fault injection for
+    the bad-step tests; empty in normal runs). Injected into the data, not the compiled step:
+    the program is the one a normal run compiles."""
     out = []
     for part in filter(None, os.environ.get("DEEPFLAX_FAULT_NAN_STEPS", "").split(",")):
         lo, _, hi = part.partition("-")
@@ -234,9 +235,10 @@ def eval_batches(cfg) -> list:
     return batches
 
 
-def _batches(it, sharding, examples, start):
+def _batches(it, sharding, examples, start, nan_steps=()):
     """The process-local batches of `it` as global arrays on the mesh; with an `examples`
-    writer, the tokens of each document id in each step's batch (the data audit log)."""
+    writer, the tokens of each document id in each step's batch (the data audit log); a NaN
+    loss weight in the batches of `nan_steps` (fault_nan_steps)."""
     import jax
     import numpy as np
 
@@ -244,6 +246,9 @@ def _batches(it, sharding, examples, start):
     while True:
         batch = next(it)
         step += 1
+        if step - 1 in nan_steps:
+            batch = dict(batch, loss_mask=np.asarray(batch["loss_mask"]).copy())
+            batch["loss_mask"].flat[0] = np.nan
         if examples is not None:
             doc_ids = batch["doc_ids"]
             ids, counts = np.unique(doc_ids[doc_ids >= 0], return_counts=True)
@@ -280,7 +285,10 @@ def _run(cfg, profile, max_steps, preemption) -> int:
     writer, examples = _writers(cfg, start, main_process)
     try:
         with sharded(mesh, rules, cfg.train.moe_transport, cfg.train.capacity_factor):
-            batches = _batches(it, batch_sharding, examples, start)
+            nan_steps = fault_nan_steps()
+            if nan_steps:
+                say(f"fault injection: NaN loss weights at steps {list(nan_steps)}")
+            batches = _batches(it, batch_sharding, examples, start, nan_steps)
             first = next(batches)
             jstep = compile_together(
                 jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None)),
@@ -330,11 +338,8 @@ def _initial_state(cfg, mesh, rules, ckpt, say):
 
     from train.data import ProcessIterator
 
-    nan_steps = fault_nan_steps()
-    if nan_steps:
-        say(f"fault injection: NaN gradients at steps {list(nan_steps)}")
     fresh = not (ckpt and ckpt.steps())
-    state, shardings, step_fn = setup(cfg, mesh, rules, nan_steps,  # resuming: only the target
+    state, shardings, step_fn = setup(cfg, mesh, rules,  # resuming: only the target
                                       pretrained=bool(cfg.train.init_from) and fresh, abstract=not fresh)
     if cfg.train.init_from and fresh:
         say(f"parameters from {cfg.train.init_from}")

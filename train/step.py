@@ -139,19 +139,15 @@ def make_grad_fn(graphdef, run_cfg):
     return grads
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_schedule=None,
-                    nan_steps: tuple[int, ...] = ()):
-    """step(state, batch) -> (state, metrics); jit it with donated state. `nan_steps` injects
-    NaN gradients at those step indices (fault-injection tests of the bad-step path)."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, run_cfg, lr_schedule=None):
+    """step(state, batch) -> (state, metrics); jit it with donated state. A step whose loss or
+    gradient norm is not finite changes nothing but the step and bad-step counters."""
     grad_fn = make_grad_fn(graphdef, run_cfg)
     gamma = run_cfg.loss.bias_gamma
 
     def step(state, batch):
         params, rest = state.params, state.rest
         grads, sums, denoms, weights, counts, dropped = grad_fn(params, rest, batch, state.step)
-        if nan_steps:
-            poison = jnp.isin(state.step, jnp.asarray(nan_steps))
-            grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
         loss, terms = total_loss(sums, denoms, weights)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
