@@ -141,9 +141,9 @@ class Linear(nnx.Module):
         if self.quant != "fp8":
             raise ValueError("hold_quantized: this Linear is not an fp8 matmul (quant_matmul=fp8 sites only)")
         meta = self.w.get_metadata()
-        values, scales = quant.quantize_tiles(self.w[...], self.in_end, self.block)
+        values, scales = quant.held_tiles(self.w[...], self.in_end, self.block)
         self.wq = QuantValues(values, **meta)
-        self.ws = QuantScales(quant.ue8m0_encode(scales), **meta)
+        self.ws = QuantScales(scales, **meta)
         del self.w
         self.held = True
 

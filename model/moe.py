@@ -132,11 +132,9 @@ class MoE(nnx.Module):
         fmt, block = self._expert_blocks()
         for name in ("w1", "w3", "w2"):
             var = getattr(self, name)
-            values, scales = quant.quantize(var[...], fmt, block)
-            if fmt == "e2m1":
-                values = quant.pack_e2m1(values)
+            values, scales = quant.held_blocks(var[...], fmt, block)
             setattr(self, name + "_q", QuantValues(values, **var.get_metadata()))
-            setattr(self, name + "_s", QuantScales(quant.ue8m0_encode(scales), **var.get_metadata()))
+            setattr(self, name + "_s", QuantScales(scales, **var.get_metadata()))
             delattr(self, name)
         self.held = True
 

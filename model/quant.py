@@ -23,6 +23,7 @@ PyTorch's float4_e2m1fn_x2 and DeepSeek's checkpoints store them).
 """
 from __future__ import annotations
 
+import functools
 import math
 import string
 
@@ -264,8 +265,12 @@ def pack_e2m1(values):
     """e2m1 values [..., N] (N even) -> uint8 [..., N/2]: element 2i in the low nibble."""
     if values.shape[-1] % 2:
         raise ConfigError(f"pack_e2m1: last axis {values.shape[-1]} must be even")
-    codes = jax.lax.bitcast_convert_type(values.astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.uint8)
-    codes = codes.reshape(*codes.shape[:-1], -1, 2)
+    # the 4-bit code from the value (grid 0, .5, 1, 1.5, 2, 3, 4, 6 -> 0..7, sign bit 8):
+    # arithmetic, since XLA:CPU cannot compile a fused float4 -> uint4 bitcast
+    v = values.astype(jnp.float4_e2m1fn).astype(F32)
+    a = jnp.abs(v)
+    mag = jnp.where(a < 2, 2 * a, jnp.where(a < 4, a + 2, a / 2 + 4)).astype(jnp.uint8)
+    codes = (mag | (jnp.signbit(v).astype(jnp.uint8) << 3)).reshape(*v.shape[:-1], -1, 2)
     return codes[..., 0] | (codes[..., 1] << 4)
 
 
@@ -274,6 +279,22 @@ def unpack_e2m1(packed):
     lo, hi = packed & 0xF, packed >> 4
     codes = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1).astype(jnp.uint4)
     return jax.lax.bitcast_convert_type(codes, jnp.float4_e2m1fn)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def held_tiles(w, axis: int, block: int):
+    """(e4m3 values, UE8M0 scale bytes) of w in block x block tiles of (`axis`, last axis): the
+    form a held fp8 weight keeps (one compiled program per weight shape, not one per operation)."""
+    values, scales = quantize_tiles(w, axis, block)
+    return values, ue8m0_encode(scales)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def held_blocks(w, fmt: str, block):
+    """(values, UE8M0 scale bytes) of w in `fmt` blocks: e2m1 packed two per byte (pack_e2m1)
+    or e4m3; the form held routed experts keep."""
+    values, scales = quantize(w, fmt, block)
+    return (pack_e2m1(values) if fmt == "e2m1" else values), ue8m0_encode(scales)
 
 
 def hadamard(x):
