@@ -127,16 +127,21 @@ class MoE(nnx.Module):
         codes packed two per byte (along the output axis) plus one UE8M0 byte per 1 x
         quant_fp4_block (DeepSeek's release format), or fp8 as e4m3 plus one byte per tile.
         Inference only; expert_weights() is unchanged to the bit."""
+        for name in ("w1", "w3", "w2"):
+            self.hold_weight(name)
+
+    def hold_weight(self, name: str):
+        """Hold one of w1 / w3 / w2 (hold_quantized, one matrix at a time: a checkpoint import
+        holds each as soon as it is read); `held` once all three are."""
         if self.cfg.quant_experts == "none":
             raise ValueError("hold_quantized: the routed experts are not quantised (quant_experts=none)")
         fmt, block = self._expert_blocks()
-        for name in ("w1", "w3", "w2"):
-            var = getattr(self, name)
-            values, scales = quant.held_blocks(var[...], fmt, block)
-            setattr(self, name + "_q", QuantValues(values, **var.get_metadata()))
-            setattr(self, name + "_s", QuantScales(scales, **var.get_metadata()))
-            delattr(self, name)
-        self.held = True
+        var = getattr(self, name)
+        values, scales = quant.held_blocks(var[...], fmt, block)
+        setattr(self, name + "_q", QuantValues(values, **var.get_metadata()))
+        setattr(self, name + "_s", QuantScales(scales, **var.get_metadata()))
+        delattr(self, name)
+        self.held = all(hasattr(self, n + "_q") for n in ("w1", "w3", "w2"))
 
     def expert_input(self, x):
         """Activations entering a routed expert matmul: e4m3 (1 x quant_block) when the experts

@@ -328,14 +328,18 @@ def _shard_reader(k: int, var, items, handles):
     return fill
 
 
-def _fill(jobs, handles, place) -> None:
+def _fill(jobs, handles, place, hold) -> None:
     """Every parameter placed from its shard readers: host memory is one device shard plus the
-    source tensors it reads, never a whole (stacked) parameter."""
+    source tensors it reads, never a whole (stacked) parameter. A parameter in `hold` (by id:
+    model.storage.holders) is held quantised as soon as it is placed."""
     with tqdm(total=sum(len(v) for v, _ in jobs), desc="load_pretrained", unit="param", disable=None,
               file=sys.stderr) as bar:
         for variables, items in jobs:
             for k, v in enumerate(variables):
                 v.set_value(place(v, _shard_reader(k, v, items, handles)))
+                if id(v) in hold:
+                    hold.pop(id(v))()  # the module now holds e4m3 / e2m1 codes instead of v
+                    v.set_value(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype))  # jobs keep v
                 bar.update()
 
 
@@ -348,13 +352,21 @@ def pretrained_config(path, **overrides):
     return config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
 
 
-def load_pretrained(path, mesh=None, rules=None, **overrides) -> Model:
+def load_pretrained(path, mesh=None, rules=None, hold: bool = False, **overrides) -> Model:
     """The model of a DeepSeek-V4 checkpoint directory (see the module docstring), with
     ModelConfig `overrides` (dtype, param_dtype, n_mtp_layers=0 for a checkpoint without MTP...).
     With a `mesh`, every parameter is placed with the NamedSharding of its logical axes under
-    `rules` (default parallel.Rules()): the model is never whole on one device."""
+    `rules` (default parallel.Rules()): the model is never whole on one device. `hold` (with
+    quant_matmul / quant_experts on): each weight those quantise is held quantised
+    (model/storage.py) as soon as it is read, so that device memory peaks at the held model
+    plus one float weight, not the float model; the result equals loading, then
+    hold_quantized(model)."""
+    from .storage import check_holdable, holders
+
     path = Path(path)
     cfg = pretrained_config(path, **overrides)
+    if hold:
+        check_holdable(cfg)
     model = nnx.eval_shape(lambda: Model(cfg, nnx.Rngs(0)))
     if mesh is None:
         place = lambda v, fill: jax.device_put(fill(()))  # noqa: E731
@@ -372,7 +384,7 @@ def load_pretrained(path, mesh=None, rules=None, **overrides) -> Model:
     where, files = _shard_files(path)
     with contextlib.ExitStack() as stack, _numpy_float8_names():
         handles, order = _open(files, where, stack)
-        _fill(_plan(model, handles, order), handles, place)
+        _fill(_plan(model, handles, order), handles, place, holders(model) if hold else {})
     empty = [p for p, v in nnx.iter_graph(model)
              if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     assert not empty, f"load_pretrained: parameters left unfilled: {empty[:5]}"

@@ -7,9 +7,13 @@ or by e4m3 tiles (fp8). The model computes exactly what it computed before (its 
 these values already, fake-quantised), from a quarter (fp8) or about an eighth (fp4) of the
 float32 bytes of those weights. Only the sites the config quantises are held; everything else
 keeps its dtype. A held model is for inference: its quantised weights are not Params and get no
-gradient.
+gradient. `model.load_pretrained(path, hold=True, ...)` holds each weight as soon as it is read
+from a release: the float weights never exist all at once.
 """
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 from flax import nnx
 
@@ -35,6 +39,19 @@ def hold_quantized(model) -> dict[str, int]:
         elif isinstance(node, MoE) and cfg.quant_experts != "none" and not node.held:
             node.hold_quantized()
     return held_bytes(model)
+
+
+def holders(model) -> dict[int, Callable[[], None]]:
+    """{id of a float weight that hold_quantized would hold: a call that holds it}: what
+    model.load_pretrained(hold=True) calls as soon as it has filled that weight."""
+    cfg, out = model.cfg, {}
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and node.quant == "fp8" and not node.held:
+            out[id(node.w)] = node.hold_quantized
+        elif isinstance(node, MoE) and cfg.quant_experts != "none" and not node.held:
+            for name in ("w1", "w3", "w2"):
+                out[id(getattr(node, name))] = functools.partial(node.hold_weight, name)
+    return out
 
 
 def held_bytes(model) -> dict[str, int]:

@@ -322,27 +322,62 @@ def test_on_a_mesh_same_values_with_the_rules_shardings(ckpt, imported):
     assert m.embed.get_value().sharding.spec == P("tensor", "fsdp")
 
 
-def test_release_held_quantised_loses_nothing(ckpt):
+def test_release_held_quantised_loses_nothing(ckpt, monkeypatch):
     """The release imported with DeepSeek's quantisation switched on (fp8 projections in 16 x 16
     tiles here, fp4 experts in 1 x 32) and held quantised (model/storage.py): every held weight
     dequantises to exactly the released value. Re-tiling a power-of-two-scaled e4m3 block into
     smaller tiles only rescales its codes by powers of two, and the experts' e2m1 blocks are the
-    release's own, so holding a released checkpoint rounds nothing a second time."""
+    release's own, so holding a released checkpoint rounds nothing a second time.
+    Streamed (load_pretrained(hold=True): each weight held as soon as it is read): the same
+    bytes as holding after the import, and while loading, the live arrays never exceed the held
+    model plus one float weight (the float model is about 3x the held one here)."""
+    from model import quant
     from model.layers import Linear
     from model.moe import MoE
     from model.storage import hold_quantized
 
-    m = load_pretrained(ckpt.path, dtype=CFG.dtype, quant_matmul="fp8", quant_experts="fp4", quant_block=16)
+    switches = dict(dtype=CFG.dtype, quant_matmul="fp8", quant_experts="fp4", quant_block=16)
+    m = load_pretrained(ckpt.path, **switches)
     linears = [n for _, n in nnx.iter_graph(m) if isinstance(n, Linear) and n.quant == "fp8"]
     moes = [n for _, n in nnx.iter_graph(m) if isinstance(n, MoE)]
     released = [n.w[...] for n in linears] + [w for n in moes for w in (n.w1[...], n.w3[...], n.w2[...])]
+    float_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(m)))
+    largest = max(w.nbytes for w in released)
     hold_quantized(m)
     assert linears and moes and all(n.held for n in linears + moes)
+    sites = len(linears) + 3 * len(moes)
     # what the matmuls see, dequantised in one program (not one per operation and shape)
     held = nnx.jit(lambda m: [n.weight() for _, n in nnx.iter_graph(m) if isinstance(n, Linear) and n.quant == "fp8"]
                    + [w for _, n in nnx.iter_graph(m) if isinstance(n, MoE) for w in n.expert_weights()])(m)
     for a, b in zip(held, released):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    del linears, moes, released, held
+
+    want = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(nnx.state(m))}
+    held_bytes = sum(x.nbytes for x in want.values())
+    del m
+    base = sum(x.nbytes for x in jax.live_arrays())
+    peak = []
+    for name in ("held_tiles", "held_blocks"):  # each hold: what is alive just before it
+        def spy(*args, _f=getattr(quant, name)):
+            peak.append(sum(x.nbytes for x in jax.live_arrays()) - base)
+            return _f(*args)
+
+        monkeypatch.setattr(quant, name, spy)
+    streamed = load_pretrained(ckpt.path, hold=True, **switches)
+    got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(nnx.state(streamed))}
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert len(peak) == sites  # one hold per weight, as it was read
+    assert max(peak) <= held_bytes + largest and held_bytes < float_bytes / 2, (max(peak), held_bytes, largest, float_bytes)
+
+
+def test_streamed_hold_needs_a_quantised_site(ckpt):
+    from model import ConfigError
+
+    with pytest.raises(ConfigError, match="quant_matmul and quant_experts are both none"):
+        load_pretrained(ckpt.path, hold=True, dtype=CFG.dtype)
 
 
 def test_index_found_under_any_name(ckpt, imported, tmp_path):
