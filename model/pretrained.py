@@ -361,12 +361,16 @@ def load_pretrained(path, mesh=None, rules=None, hold: bool = False, **overrides
     (model/storage.py) as soon as it is read, so that device memory peaks at the held model
     plus one float weight, not the float model; the result equals loading, then
     hold_quantized(model)."""
+    from .config import ConfigError
     from .storage import check_holdable, holders
 
     path = Path(path)
     cfg = pretrained_config(path, **overrides)
     if hold:
         check_holdable(cfg)
+        if mesh is not None:
+            raise ConfigError("load_pretrained: hold=True places the model on one device; held weights "
+                              "over a mesh are not supported (load without hold, or without mesh)")
     model = nnx.eval_shape(lambda: Model(cfg, nnx.Rngs(0)))
     if mesh is None:
         place = lambda v, fill: jax.device_put(fill(()))  # noqa: E731

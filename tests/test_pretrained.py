@@ -373,11 +373,14 @@ def test_release_held_quantised_loses_nothing(ckpt, monkeypatch):
     assert max(peak) <= held_bytes + largest and held_bytes < float_bytes / 2, (max(peak), held_bytes, largest, float_bytes)
 
 
-def test_streamed_hold_needs_a_quantised_site(ckpt):
+def test_streamed_hold_needs_a_quantised_site_and_one_device(ckpt):
     from model import ConfigError
 
     with pytest.raises(ConfigError, match="quant_matmul and quant_experts are both none"):
         load_pretrained(ckpt.path, hold=True, dtype=CFG.dtype)
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    with pytest.raises(ConfigError, match="held weights over a mesh are not supported"):
+        load_pretrained(ckpt.path, mesh=mesh, hold=True, dtype=CFG.dtype, quant_matmul="fp8")
 
 
 def test_index_found_under_any_name(ckpt, imported, tmp_path):
