@@ -380,7 +380,7 @@ def test_streamed_hold_needs_a_quantised_site_and_one_device(ckpt):
         load_pretrained(ckpt.path, hold=True, dtype=CFG.dtype)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     with pytest.raises(ConfigError, match="held weights over a mesh are not supported"):
-        load_pretrained(ckpt.path, mesh=mesh, hold=True, dtype=CFG.dtype, quant_matmul="fp8")
+        load_pretrained(ckpt.path, mesh=mesh, hold=True, dtype=CFG.dtype, quant_matmul="fp8", quant_block=16)
 
 
 def test_index_found_under_any_name(ckpt, imported, tmp_path):
