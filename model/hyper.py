@@ -7,6 +7,8 @@ projected onto doubly stochastic matrices by Sinkhorn iterations (row softmax fi
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,13 +27,53 @@ def sinkhorn(logits_NN, iters: int, eps: float):
     # XLA:CPU, forward and backward).
     shape = logits_NN.shape
     c_NNT = jnp.moveaxis(logits_NN.reshape(-1, *shape[-2:]), 0, -1)
-    column = lambda c: c / (c.sum(0, keepdims=True) + eps)
-    row = lambda c: c / (c.sum(1, keepdims=True) + eps)
-    comb = column(jax.nn.softmax(c_NNT, axis=1) + eps)
+    return jnp.moveaxis(_sinkhorn(c_NNT, iters, eps), -1, 0).reshape(shape)
+
+
+def _column(c, eps):
+    return c / (c.sum(0, keepdims=True) + eps)
+
+
+def _row(c, eps):
+    return c / (c.sum(1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _sinkhorn(x_NNT, iters: int, eps: float):
+    comb = _column(jax.nn.softmax(x_NNT, axis=1) + eps, eps)
     # A rolled loop: unrolled, the 2 x iters tiny normalisations of every hyper-connection (and
     # their transposes) were half of the compiled program and half of its compile time.
-    comb = jax.lax.fori_loop(1, iters, lambda _, c: column(row(c)), comb)
-    return jnp.moveaxis(comb, -1, 0).reshape(shape)
+    return jax.lax.fori_loop(1, iters, lambda _, c: _column(_row(c, eps), eps), comb)
+
+
+def _sinkhorn_fwd(x_NNT, iters, eps):
+    comb = _column(jax.nn.softmax(x_NNT, axis=1) + eps, eps)
+    comb, inputs = jax.lax.scan(lambda c, _: (_column(_row(c, eps), eps), c), comb, None, length=iters - 1)
+    return comb, (x_NNT, inputs)
+
+
+def _sinkhorn_bwd(iters, eps, res, g):
+    """The transposed iterations from each one's saved input alone (JAX's autodiff of the loop
+    kept six stacks of per-iteration intermediates): for y = r / (sum_axis(r) + eps),
+    dr = (dy - sum_axis(dy * y)) / (sum_axis(r) + eps)."""
+    x, inputs = res
+
+    def back(g, c):
+        e = c.sum(1, keepdims=True) + eps
+        r = c / e
+        d = r.sum(0, keepdims=True) + eps
+        g_r = (g - (g * (r / d)).sum(0, keepdims=True)) / d
+        return (g_r - (g_r * r).sum(1, keepdims=True)) / e, None
+
+    g, _ = jax.lax.scan(back, g, inputs, reverse=True)
+    s = jax.nn.softmax(x, axis=1)
+    p = s + eps
+    d = p.sum(0, keepdims=True) + eps
+    g_p = (g - (g * (p / d)).sum(0, keepdims=True)) / d
+    return (s * (g_p - (g_p * s).sum(1, keepdims=True)),)
+
+
+_sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
 
 
 def normalized_mixes(x_BSND, fn_IM, eps: float):
