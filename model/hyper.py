@@ -38,16 +38,21 @@ def _row(c, eps):
     return c / (c.sum(1, keepdims=True) + eps)
 
 
+def _first(x_NNT, eps):
+    """Row softmax + eps, then the first column normalisation."""
+    return _column(jax.nn.softmax(x_NNT, axis=1) + eps, eps)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _sinkhorn(x_NNT, iters: int, eps: float):
-    comb = _column(jax.nn.softmax(x_NNT, axis=1) + eps, eps)
+    comb = _first(x_NNT, eps)
     # A rolled loop: unrolled, the 2 x iters tiny normalisations of every hyper-connection (and
     # their transposes) were half of the compiled program and half of its compile time.
     return jax.lax.fori_loop(1, iters, lambda _, c: _column(_row(c, eps), eps), comb)
 
 
 def _sinkhorn_fwd(x_NNT, iters, eps):
-    comb = _column(jax.nn.softmax(x_NNT, axis=1) + eps, eps)
+    comb = _first(x_NNT, eps)
     comb, inputs = jax.lax.scan(lambda c, _: (_column(_row(c, eps), eps), c), comb, None, length=iters - 1)
     return comb, (x_NNT, inputs)
 

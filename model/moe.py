@@ -93,7 +93,7 @@ class MoE(nnx.Module):
         self.w1 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w3 = normal(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
         self.w2 = normal(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pd)
-        self.held = False  # True: w1/w3/w2 are held quantised (hold_quantized), as *_q / *_s
+        self.held = False  # True: w1/w3/w2 are held quantised (hold_weight), as *_q / *_s
         fs = f * cfg.n_shared_experts
         self.shared_w1 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, fp8=True)
         self.shared_w3 = Linear((d, fs), ("embed", "mlp"), cfg, rngs, fp8=True)
@@ -122,17 +122,13 @@ class MoE(nnx.Module):
             values = quant.unpack_e2m1(values)
         return quant.dequantize(values, quant.ue8m0_decode(scales), fmt, block)
 
-    def hold_quantized(self):
-        """Replace the routed experts' float weights by what their matmuls see: fp4 as e2m1
-        codes packed two per byte (along the output axis) plus one UE8M0 byte per 1 x
-        quant_fp4_block (DeepSeek's release format), or fp8 as e4m3 plus one byte per tile.
-        Inference only; expert_weights() is unchanged to the bit."""
-        for name in ("w1", "w3", "w2"):
-            self.hold_weight(name)
-
     def hold_weight(self, name: str):
-        """Hold one of w1 / w3 / w2 (hold_quantized, one matrix at a time: a checkpoint import
-        holds each as soon as it is read); `held` once all three are."""
+        """Replace one of the routed experts' float weights (w1 / w3 / w2) by what its matmuls
+        see: fp4 as e2m1 codes packed two per byte (along the output axis) plus one UE8M0 byte
+        per 1 x quant_fp4_block (DeepSeek's release format), or fp8 as e4m3 plus one byte per
+        tile (model.storage.hold_quantized; a checkpoint import holds each matrix as soon as
+        it is read). Inference only; expert_weights() is unchanged to the bit once all three
+        are held (`held`)."""
         if self.cfg.quant_experts == "none":
             raise ValueError("hold_quantized: the routed experts are not quantised (quant_experts=none)")
         fmt, block = self._expert_blocks()

@@ -31,19 +31,16 @@ def check_holdable(cfg) -> None:
 
 def hold_quantized(model) -> dict[str, int]:
     """Hold `model`'s quantised weights quantised (in place); returns held_bytes(model)."""
-    cfg = model.cfg
-    check_holdable(cfg)
-    for _, node in list(nnx.iter_graph(model)):
-        if isinstance(node, Linear) and node.quant == "fp8" and not node.held:
-            node.hold_quantized()
-        elif isinstance(node, MoE) and cfg.quant_experts != "none" and not node.held:
-            node.hold_quantized()
+    check_holdable(model.cfg)
+    for hold in holders(model).values():
+        hold()
     return held_bytes(model)
 
 
 def holders(model) -> dict[int, Callable[[], None]]:
-    """{id of a float weight that hold_quantized would hold: a call that holds it}: what
-    model.load_pretrained(hold=True) calls as soon as it has filled that weight."""
+    """{id of a float weight the config quantises and that is not held yet: a call that holds
+    it}: hold_quantized calls them all; model.load_pretrained(hold=True) calls each as soon as
+    it has filled that weight."""
     cfg, out = model.cfg, {}
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear) and node.quant == "fp8" and not node.held:
