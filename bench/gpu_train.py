@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from parallel import MeshConfig, Rules, make_mesh, sharded
     from plan import REMAT_FLOPS
     from train.config import load_run_config
-    from train.main import setup
+    from train.setup import setup
 
     run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
         *(TINY if args.tiny else MODEL), "model.dtype=bfloat16", "model.remat=full",

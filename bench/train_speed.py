@@ -39,7 +39,7 @@ from model.export import hf_config  # noqa: E402
 from model.moe import balanced_hash_table  # noqa: E402
 from parallel import MeshConfig, Rules, make_mesh, sharded  # noqa: E402
 from train.config import load_run_config  # noqa: E402
-from train.main import setup  # noqa: E402
+from train.setup import setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = ("shape", "small", ["model.dim=256", "model.n_layers=4", "model.compress_ratios=[0,4,16,4]",
@@ -81,7 +81,7 @@ def timed(step, sync, warmup: int, steps: int) -> float:
 
 
 def time_ours(run_cfg, devices, tokens, warmup: int, steps: int) -> float:
-    """Our train step on a data-parallel mesh over `devices`, as train/main.py runs it."""
+    """Our train step on a data-parallel mesh over `devices`, as python -m train runs it."""
     cfg = run_cfg.model
     # FSDP: parameters and optimiser state split 8 ways (a data=8 copy of `small` per emulated
     # device does not fit this machine's 24 GB); the batch is split over fsdp as over data

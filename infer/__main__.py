@@ -8,7 +8,7 @@
 Without --run the model and tokenizer come from --config and the weights are random (a
 smoke test). With --run RUN_DIR (a training run): its own config.yaml (plus the overrides) gives
 the model and tokenizer, and the newest verified checkpoint is restored onto one device
-(train.main.restore_run, as model.export does).
+(train.setup.restore_run, as model.export does).
 One --prompt is streamed: its text is printed as the tokens are produced. Several --prompt are
 decoded as one batch and printed prompt + completion each. --batch-file reads one prompt per
 line (blank lines skipped) or, for a .jsonl file, one JSON object with a "prompt" string per
@@ -152,7 +152,7 @@ def _main(args) -> int:
 
         check_holdable(cfg.model)
     if args.run:
-        from train.main import restore_run
+        from train.setup import restore_run
 
         model, cfg, step = restore_run(args.run, args.overrides)
         where = f"checkpoint step {step} of {args.run}"

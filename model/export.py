@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=DTYPES, default="bf16")
     ap.add_argument("--shard-gb", type=float, default=5.0)
     args = ap.parse_args(argv)
-    from train.main import restore_run  # model/ does not depend on train/ except in this CLI
+    from train.setup import restore_run  # model/ does not depend on train/ except in this CLI
 
     try:
         model, cfg, step = restore_run(args.run_dir)

@@ -31,7 +31,7 @@ from parallel.mesh import MeshConfig
 from train.checkpoint import (CheckpointError, Checkpointer, ModelMismatch, fingerprints,
                               leaf_paths)
 from train.config import load_run_config
-from train.main import setup
+from train.setup import setup
 from trainer_env import trainer_env
 
 # Reading a damaged step, Orbax gives up on its other arrays' reads, left as coroutines never

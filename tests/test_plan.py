@@ -139,7 +139,7 @@ def test_state_bytes_equal_the_real_sharded_state():
     """On 8 real (CPU) devices with data=2 x expert=2 x tensor=2, the plan's per-device bytes of
     parameters, routing tables and optimiser state equal what `python -m train`'s setup puts
     on the fullest device."""
-    from train.main import setup
+    from train.setup import setup
 
     cfg = load_run_config(TINY, ["model.dtype=float32", *SMALL_OVERRIDES])
     mesh = make_mesh(cfg.mesh, cfg.model, global_batch=cfg.data.global_batch)

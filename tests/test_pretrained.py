@@ -492,7 +492,7 @@ def _run_cfg(ckpt, *overrides):
 def test_train_init_from_starts_from_the_checkpoint(ckpt, imported):
     """train.init_from: the run's parameters are the imported ones, placed by the rules; the
     optimiser state is fresh (step 0)."""
-    from train.main import setup
+    from train.setup import setup
 
     cfg = _run_cfg(ckpt)
     mesh = make_mesh(cfg.mesh, cfg.model, global_batch=cfg.data.global_batch)
@@ -507,7 +507,7 @@ def test_train_init_from_starts_from_the_checkpoint(ckpt, imported):
 
 def test_train_init_from_rejects_another_architecture(ckpt):
     from model import ConfigError
-    from train.main import setup
+    from train.setup import setup
 
     cfg = _run_cfg(ckpt, "model.rope_theta=5000.0", "model.route_scale=2.0")
     mesh = make_mesh(cfg.mesh, cfg.model, global_batch=cfg.data.global_batch)

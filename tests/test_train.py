@@ -297,7 +297,7 @@ def test_export_cli_writes_the_runs_newest_checkpoint(short_run, tmp_path):
     run's last checkpoint (step 8), not the initial ones, read back by load_pretrained."""
     from model import load_pretrained
     from model.export import main as export
-    from train.main import restore_run
+    from train.setup import restore_run
 
     d, _ = short_run
     out = tmp_path / "out"
