@@ -25,7 +25,7 @@ from model.config import ConfigError
 
 from .cache import init_cache
 from .layout import unscan
-from .step import decode_jit, prefill
+from .step import decode_logits, jit_for, prefill
 
 F32 = jnp.float32
 
@@ -149,16 +149,44 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
         return out.tokens
     logits, cache = prefill(model, ids, cache, lengths, chunk=chunk)
     graphdef, state = nnx.split(model)
-    key, pos, steps = jax.random.key(seed), lengths.copy(), 0
-    for step in range(max_new_tokens):
-        tok = np.asarray(sample(logits, jax.random.fold_in(key, step), temperature=float(temperature),
-                                top_k=int(top_k), top_p=float(top_p)))
+    step_fn = jit_for(decode_sample, graphdef, float(temperature), int(top_k), float(top_p), donate=(1,))
+    key, limit = jax.random.key(seed), jnp.asarray(out.limit, jnp.int32)
+    stop = jnp.asarray(sorted(out.stop), jnp.int32).reshape(-1)
+    tok = sample(logits, jax.random.fold_in(key, 0), temperature=float(temperature), top_k=int(top_k),
+                 top_p=float(top_p))
+    count = jnp.ones((b,), jnp.int32)
+    cur, steps, last = (tok, jnp.asarray(lengths), finished(tok, count, limit, stop), count), 0, int(out.limit.max())
+    for step in range(last):
+        # the next step is queued before this step's tokens are read back: the host's work
+        # (reading, streaming, stop checks) overlaps the device's; the slots' positions and
+        # stops are tracked on the device too, by the same rule as `out`
+        nxt = None
+        if step + 1 < last:
+            *nxt, cache = step_fn(state, cache, *cur, limit, stop, key, step)
+            steps += 1
+        host = np.asarray(cur[0])
         for i in np.flatnonzero(~out.done):
-            out.emit(i, int(tok[i]))
+            out.emit(i, int(host[i]))
         if out.done.all():
             break
-        positions = np.where(out.done, -1, pos).astype(np.int32)
-        logits, cache = decode_jit(graphdef, state, cache, jnp.asarray(tok), jnp.asarray(positions))
-        pos, steps = pos + 1, steps + 1
+        cur = nxt
     stats["steps"] = steps
     return out.tokens
+
+
+def finished(tok_B, count_B, limit_B, stop):
+    """Which slots are done after producing tok_B, their count_B-th token (Outputs.emit's rule)."""
+    return (tok_B[:, None] == stop[None, :]).any(axis=-1) | (count_B >= limit_B)
+
+
+def decode_sample(graphdef, temperature, top_k, top_p, state, cache, tok_B, pos_B, done_B, count_B, limit_B,
+                  stop, key, step):
+    """`generate`'s decode step with its sampling, all on the device: tok_B [B] are the tokens
+    produced last (at positions pos_B, not in the cache yet; slots done_B idle), count_B how
+    many each slot has produced. Returns the next (tokens, positions, done, counts) and the
+    cache. Step i draws with fold_in(key, i + 1) (the prefill's token with 0)."""
+    logits, cache = decode_logits(graphdef, state, cache, tok_B, jnp.where(done_B, -1, pos_B))
+    new = sample(logits, jax.random.fold_in(key, step + 1), temperature=temperature, top_k=top_k, top_p=top_p)
+    new = jnp.where(done_B, tok_B, new)
+    count = count_B + (~done_B).astype(jnp.int32)
+    return new, pos_B + 1, done_B | finished(new, count, limit_B, stop), count, cache

@@ -27,16 +27,13 @@ generated token), and its prediction at L - 1 is the first draft.
 """
 from __future__ import annotations
 
-from functools import partial
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from .cache import Cache, window_store
 from .experts import for_decoding
-from .step import attention, take_last
+from .step import attention, jit_for, take_last
 from .verify import attention_multi, commit, commit_layer, forward_multi
 
 F32 = jnp.float32
@@ -58,8 +55,7 @@ def mtp_ring(cache: Cache) -> Cache:
     return Cache(({"win": window_store(cache.spec).init(b)},), jnp.zeros((b, 1), jnp.int32), cache.spec)
 
 
-@partial(jax.jit, static_argnums=0, donate_argnums=2)
-def mtp_prefill_jit(graphdef, state, ring, h_BSND, ids_BS, start, lengths_B):
+def _mtp_prefill(graphdef, state, ring, h_BSND, ids_BS, start, lengths_B):
     model = nnx.merge(graphdef, state)
     b, s = ids_BS.shape
     pos = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -72,8 +68,7 @@ def mtp_prefill_jit(graphdef, state, ring, h_BSND, ids_BS, start, lengths_B):
     return logits, ring.replace(layers=(lc,))
 
 
-@partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
-def spec_step_jit(graphdef, state, cache, ring, tok_B, draft_B, pos_B):
+def spec_step(graphdef, state, cache, ring, tok_B, draft_B, pos_B):
     """One verify-and-draft step (module docstring): (greedy tokens [B, 2], accepted? [B],
     next drafts [B], cache, MTP ring); slots with pos_B = -1 idle."""
     model = nnx.merge(graphdef, state)
@@ -113,12 +108,13 @@ def mtp_prefill(model, ring: Cache, hidden_BSND, ids_BS, lengths_B, first_B, chu
     nxt = np.pad(nxt, ((0, 0), (0, n * chunk - s)))
     hidden = jnp.pad(hidden_BSND, ((0, 0), (0, n * chunk - hidden_BSND.shape[1]), (0, 0), (0, 0)))
     last = jnp.zeros((b, model.cfg.vocab_size), F32)
+    step = jit_for(_mtp_prefill, graphdef, donate=(1,))
     for c in range(n):
         if not (lengths > c * chunk).any():
             break
         cut = slice(c * chunk, (c + 1) * chunk)
-        logits, ring = mtp_prefill_jit(graphdef, state, ring, hidden[:, cut], jnp.asarray(nxt[:, cut]),
-                                       jnp.int32(c * chunk), jnp.asarray(lengths))
+        logits, ring = step(state, ring, hidden[:, cut], jnp.asarray(nxt[:, cut]), jnp.int32(c * chunk),
+                            jnp.asarray(lengths))
         last = take_last(last, logits, lengths, c * chunk)
     return ring, jnp.argmax(last, axis=-1).astype(jnp.int32)
 
@@ -134,10 +130,10 @@ def speculative_decode(model, cache: Cache, ids_BS, lengths_B, logits_BV, hidden
     ring, draft = mtp_prefill(model, mtp_ring(cache), hidden_BSND, ids_BS, lengths_B, tok, chunk)
     pos = np.asarray(lengths_B, np.int32).copy()
     steps = drafted = accepted = 0
+    step = jit_for(spec_step, graphdef, donate=(1, 2))
     while not out.done.all():
         positions = np.where(out.done, -1, pos).astype(np.int32)
-        g, acc, draft, cache, ring = spec_step_jit(graphdef, state, cache, ring, jnp.asarray(tok), draft,
-                                                   jnp.asarray(positions))
+        g, acc, draft, cache, ring = step(state, cache, ring, jnp.asarray(tok), draft, jnp.asarray(positions))
         g, acc, steps = np.asarray(g), np.asarray(acc), steps + 1
         for i in np.flatnonzero(positions >= 0):
             drafted, accepted = drafted + 1, accepted + int(acc[i])

@@ -355,7 +355,8 @@ def test_speculative_step_commits_only_accepted_tokens(tiny):
     decoding's (two steps for slot 0, one for slot 1), although slot 1's rejected token at
     position 15 completes a CSA and an HCA block: nothing of it is written. The MTP drafts (after
     the prompt, and after the step) are the training forward's MTP argmax."""
-    from infer.speculative import mtp_prefill, mtp_ring, spec_step_jit
+    from infer.speculative import mtp_prefill, mtp_ring, spec_step
+    from infer.step import jit_for
 
     cfg, m, ids, _ = tiny
     lens = np.array([30, 14, 20])
@@ -368,8 +369,9 @@ def test_speculative_step_commits_only_accepted_tokens(tiny):
     l2, plain = decode_step(m, plain, g0, [31, -1, -1])
     g1 = np.asarray(jnp.argmax(l2, -1))
     draft = np.array([g0[0], (g0[1] + 1) % cfg.vocab_size, 0])
-    g, acc, drafts, spec, _ = spec_step_jit(*nnx.split(m), cache, ring, jnp.asarray(tok), jnp.asarray(draft),
-                                            jnp.asarray([30, 14, -1]))
+    graphdef, state = nnx.split(m)
+    g, acc, drafts, spec, _ = jit_for(spec_step, graphdef, donate=(1, 2))(
+        state, cache, ring, jnp.asarray(tok), jnp.asarray(draft), jnp.asarray([30, 14, -1]))
     assert np.asarray(acc).tolist() == [True, False, False]
     assert np.asarray(g)[0].tolist() == [g0[0], g1[0]] and int(g[1, 0]) == g0[1]
     for got, want in zip(jax.tree.leaves(spec), jax.tree.leaves(plain)):
