@@ -19,7 +19,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from model.config import ConfigError
 
@@ -148,8 +147,8 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
                      acceptance=accepted / drafted if drafted else 0.0)
         return out.tokens
     logits, cache = prefill(model, ids, cache, lengths, chunk=chunk)
-    graphdef, state = nnx.split(model)
-    step_fn = jit_for(decode_sample, graphdef, float(temperature), int(top_k), float(top_p), donate=(1,))
+    step_fn, leaves = jit_for(decode_sample, model, donate=(1,), temperature=float(temperature),
+                              top_k=int(top_k), top_p=float(top_p))
     key, limit = jax.random.key(seed), jnp.asarray(out.limit, jnp.int32)
     stop = jnp.asarray(sorted(out.stop), jnp.int32).reshape(-1)
     tok = sample(logits, jax.random.fold_in(key, 0), temperature=float(temperature), top_k=int(top_k),
@@ -162,7 +161,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
         # stops are tracked on the device too, by the same rule as `out`
         nxt = None
         if step + 1 < last:
-            *nxt, cache = step_fn(state, cache, *cur, limit, stop, key, step)
+            *nxt, cache = step_fn(leaves, cache, *cur, limit, stop, key, step)
             steps += 1
         host = np.asarray(cur[0])
         for i in np.flatnonzero(~out.done):
@@ -179,13 +178,13 @@ def finished(tok_B, count_B, limit_B, stop):
     return (tok_B[:, None] == stop[None, :]).any(axis=-1) | (count_B >= limit_B)
 
 
-def decode_sample(graphdef, temperature, top_k, top_p, state, cache, tok_B, pos_B, done_B, count_B, limit_B,
-                  stop, key, step):
+def decode_sample(model, cache, tok_B, pos_B, done_B, count_B, limit_B, stop, key, step, *, temperature,
+                  top_k, top_p):
     """`generate`'s decode step with its sampling, all on the device: tok_B [B] are the tokens
     produced last (at positions pos_B, not in the cache yet; slots done_B idle), count_B how
     many each slot has produced. Returns the next (tokens, positions, done, counts) and the
     cache. Step i draws with fold_in(key, i + 1) (the prefill's token with 0)."""
-    logits, cache = decode_logits(graphdef, state, cache, tok_B, jnp.where(done_B, -1, pos_B))
+    logits, cache = decode_logits(model, cache, tok_B, jnp.where(done_B, -1, pos_B))
     new = sample(logits, jax.random.fold_in(key, step + 1), temperature=temperature, top_k=top_k, top_p=top_p)
     new = jnp.where(done_B, tok_B, new)
     count = count_B + (~done_B).astype(jnp.int32)

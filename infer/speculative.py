@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from .cache import Cache, window_store
 from .experts import for_decoding
@@ -55,8 +54,7 @@ def mtp_ring(cache: Cache) -> Cache:
     return Cache(({"win": window_store(cache.spec).init(b)},), jnp.zeros((b, 1), jnp.int32), cache.spec)
 
 
-def _mtp_prefill(graphdef, state, ring, h_BSND, ids_BS, start, lengths_B):
-    model = nnx.merge(graphdef, state)
+def _mtp_prefill(model, ring, h_BSND, ids_BS, start, lengths_B):
     b, s = ids_BS.shape
     pos = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
     valid = pos < lengths_B[:, None]
@@ -68,10 +66,9 @@ def _mtp_prefill(graphdef, state, ring, h_BSND, ids_BS, start, lengths_B):
     return logits, ring.replace(layers=(lc,))
 
 
-def spec_step(graphdef, state, cache, ring, tok_B, draft_B, pos_B):
+def spec_step(model, cache, ring, tok_B, draft_B, pos_B):
     """One verify-and-draft step (module docstring): (greedy tokens [B, 2], accepted? [B],
     next drafts [B], cache, MTP ring); slots with pos_B = -1 idle."""
-    model = nnx.merge(graphdef, state)
     b = tok_B.shape[0]
     valid = pos_B >= 0
     pos = jnp.where(valid[:, None], pos_B[:, None] + jnp.arange(2, dtype=jnp.int32), -1)
@@ -97,7 +94,6 @@ def spec_step(graphdef, state, cache, ring, tok_B, draft_B, pos_B):
 def mtp_prefill(model, ring: Cache, hidden_BSND, ids_BS, lengths_B, first_B, chunk: int):
     """The MTP ring filled for prompt positions [0, L) (see the module docstring) and the first
     drafts [B] (for position L + 1)."""
-    graphdef, state = nnx.split(model)
     ids = np.asarray(ids_BS, np.int32)
     b, s = ids.shape
     lengths = np.asarray(lengths_B, np.int32)
@@ -108,12 +104,12 @@ def mtp_prefill(model, ring: Cache, hidden_BSND, ids_BS, lengths_B, first_B, chu
     nxt = np.pad(nxt, ((0, 0), (0, n * chunk - s)))
     hidden = jnp.pad(hidden_BSND, ((0, 0), (0, n * chunk - hidden_BSND.shape[1]), (0, 0), (0, 0)))
     last = jnp.zeros((b, model.cfg.vocab_size), F32)
-    step = jit_for(_mtp_prefill, graphdef, donate=(1,))
+    step, leaves = jit_for(_mtp_prefill, model, donate=(1,))
     for c in range(n):
         if not (lengths > c * chunk).any():
             break
         cut = slice(c * chunk, (c + 1) * chunk)
-        logits, ring = step(state, ring, hidden[:, cut], jnp.asarray(nxt[:, cut]), jnp.int32(c * chunk),
+        logits, ring = step(leaves, ring, hidden[:, cut], jnp.asarray(nxt[:, cut]), jnp.int32(c * chunk),
                             jnp.asarray(lengths))
         last = take_last(last, logits, lengths, c * chunk)
     return ring, jnp.argmax(last, axis=-1).astype(jnp.int32)
@@ -123,17 +119,16 @@ def speculative_decode(model, cache: Cache, ids_BS, lengths_B, logits_BV, hidden
     """Greedy decoding after prefill (its last logits and streams) with MTP drafts. `out`
     receives the tokens (`out.emit(slot, token) -> finished?`, `out.done` [B] bool).
     Returns (steps: main-model passes, drafts verified, drafts accepted)."""
-    graphdef, state = nnx.split(model)
     tok = np.asarray(jnp.argmax(logits_BV, axis=-1)).astype(np.int32)
     for i in range(len(tok)):
         out.emit(i, int(tok[i]))
     ring, draft = mtp_prefill(model, mtp_ring(cache), hidden_BSND, ids_BS, lengths_B, tok, chunk)
     pos = np.asarray(lengths_B, np.int32).copy()
     steps = drafted = accepted = 0
-    step = jit_for(spec_step, graphdef, donate=(1, 2))
+    step, leaves = jit_for(spec_step, model, donate=(1, 2))
     while not out.done.all():
         positions = np.where(out.done, -1, pos).astype(np.int32)
-        g, acc, draft, cache, ring = step(state, cache, ring, jnp.asarray(tok), draft, jnp.asarray(positions))
+        g, acc, draft, cache, ring = step(leaves, cache, ring, jnp.asarray(tok), draft, jnp.asarray(positions))
         g, acc, steps = np.asarray(g), np.asarray(acc), steps + 1
         for i in np.flatnonzero(positions >= 0):
             drafted, accepted = drafted + 1, accepted + int(acc[i])

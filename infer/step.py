@@ -25,7 +25,7 @@ compute routed experts by gathering them (infer/experts.py) when that reads less
 """
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
@@ -207,31 +207,35 @@ def forward_cached(model, cache: Cache, ids_BS, pos_BS, valid_BS, start=None, le
     return logits, cache.replace(layers=tuple(layers)), x
 
 
-# --- jitted steps, one per graphdef ---------------------------------------------------------------
+# --- jitted steps, bound to one model structure -----------------------------------------------
 @lru_cache(maxsize=64)
-def _jitted(fn, graphdef, static, donate):
-    return jax.jit(partial(fn, graphdef, *static), donate_argnums=donate)
+def _jitted(fn, graphdef, treedef, static, donate):
+    def call(leaves, *args):
+        return fn(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), *args, **dict(static))
+    return jax.jit(call, donate_argnums=donate)
 
 
-def jit_for(fn, graphdef, *static, donate=()):
-    """`fn(graphdef, *static, *args)` jitted with the graphdef and the hashable `static` values
-    bound, remembered per (fn, graphdef, static): call the result in loops. With the graphdef as
-    a static argument of jax.jit instead, every call would hash it (a tree of every module and
-    variable: 0.9 ms for `tiny`, more than tiny's whole decode step at batch 1)."""
-    return _jitted(fn, graphdef, tuple(static), tuple(donate))
+def jit_for(fn, model, donate=(), **static):
+    """(step, leaves): `fn(model, *args, **static)` jitted for models of this structure, called as
+    step(leaves, *args) with the model's arrays as a flat list (`donate` indexes that call).
+    The jitted function is remembered per (fn, graph, static values), so equal models share it.
+    The model's structure is bound rather than passed: as a static argument jax.jit would hash
+    the graphdef on every call (0.9 ms for `tiny`, more than its decode step at batch 1), and
+    flattening the nnx State's Variables would cost another 0.2-0.4 ms a call."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return _jitted(fn, graphdef, treedef, tuple(sorted(static.items())), tuple(donate)), leaves
 
 
-def decode_logits(graphdef, state, cache, tokens_B, positions_B):
+def decode_logits(model, cache, tokens_B, positions_B):
     """One decode step (see `decode_step`): (logits [B, V], cache)."""
-    model = nnx.merge(graphdef, state)
     pos = positions_B.astype(jnp.int32)[:, None]
     with for_decoding(model.cfg, pos.shape[0]):
         logits, cache, _ = forward_cached(model, cache, tokens_B.astype(jnp.int32)[:, None], pos, pos >= 0)
     return logits[:, 0], cache
 
 
-def _prefill(graphdef, state, cache, ids_BS, start, lengths_B):
-    model = nnx.merge(graphdef, state)
+def _prefill(model, cache, ids_BS, start, lengths_B):
     b, s = ids_BS.shape
     pos = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
     return forward_cached(model, cache, ids_BS, pos, pos < lengths_B[:, None], start, lengths_B)
@@ -249,9 +253,8 @@ def decode_step(model, cache: Cache, tokens_B, positions_B):
     nothing written). Slots may be at different positions, each < cache.spec.max_len (not
     checked inside the jitted step), with every earlier position already processed. Returns
     (logits [B, V] float32, cache); the cache passed in is donated (do not use it again)."""
-    graphdef, state = nnx.split(model)
-    return jit_for(decode_logits, graphdef, donate=(1,))(state, cache, jnp.asarray(tokens_B, jnp.int32),
-                                                         jnp.asarray(positions_B, jnp.int32))
+    step, leaves = jit_for(decode_logits, model, donate=(1,))
+    return step(leaves, cache, jnp.asarray(tokens_B, jnp.int32), jnp.asarray(positions_B, jnp.int32))
 
 
 def prefill(model, ids_BS, cache: Cache, lengths_B=None, *, chunk: int | None = None,
@@ -280,14 +283,13 @@ def prefill(model, ids_BS, cache: Cache, lengths_B=None, *, chunk: int | None = 
                           f"{spec.batch} slots and max_len {spec.max_len}")
     n = -(-s // chunk)
     ids = np.pad(ids, ((0, 0), (0, n * chunk - s)))
-    graphdef, state = nnx.split(model)
-    step = jit_for(_prefill, graphdef, donate=(1,))
+    step, leaves = jit_for(_prefill, model, donate=(1,))
     lengths_j = jnp.asarray(lengths)
     outs, hs, last = [], [], jnp.zeros((b, cfg.vocab_size), F32)
     for c in range(n):
         if not (lengths > c * chunk).any():
             break
-        logits, cache, h = step(state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]), jnp.int32(c * chunk),
+        logits, cache, h = step(leaves, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]), jnp.int32(c * chunk),
                                 lengths_j)
         last = take_last(last, logits, lengths, c * chunk)
         if all_logits:

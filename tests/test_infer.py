@@ -369,9 +369,8 @@ def test_speculative_step_commits_only_accepted_tokens(tiny):
     l2, plain = decode_step(m, plain, g0, [31, -1, -1])
     g1 = np.asarray(jnp.argmax(l2, -1))
     draft = np.array([g0[0], (g0[1] + 1) % cfg.vocab_size, 0])
-    graphdef, state = nnx.split(m)
-    g, acc, drafts, spec, _ = jit_for(spec_step, graphdef, donate=(1, 2))(
-        state, cache, ring, jnp.asarray(tok), jnp.asarray(draft), jnp.asarray([30, 14, -1]))
+    step, leaves = jit_for(spec_step, m, donate=(1, 2))
+    g, acc, drafts, spec, _ = step(leaves, cache, ring, jnp.asarray(tok), jnp.asarray(draft), jnp.asarray([30, 14, -1]))
     assert np.asarray(acc).tolist() == [True, False, False]
     assert np.asarray(g)[0].tolist() == [g0[0], g1[0]] and int(g[1, 0]) == g0[1]
     for got, want in zip(jax.tree.leaves(spec), jax.tree.leaves(plain)):
