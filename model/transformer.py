@@ -89,10 +89,12 @@ class Block(nnx.Module):
 
 
 class Segment(nnx.Module):
-    """`count` repetitions of a unit of consecutive layer kinds, scanned when count > 1."""
+    """`count` repetitions of a unit of consecutive layer kinds, scanned when count > 1
+    (cfg.scan_unroll repetitions per loop iteration)."""
 
     def __init__(self, cfg: ModelConfig, start: int, unit: tuple[Kind, ...], count: int, rngs: nnx.Rngs):
         self.start, self.period, self.count = start, len(unit), count
+        self.unroll = min(cfg.scan_unroll, count)  # count: no loop at all
         self.call = _remat(cfg)
         blocks = []
         for j, kind in enumerate(unit):
@@ -116,7 +118,8 @@ class Segment(nnx.Module):
                 outs.append(st)
             return x, jax.tree.map(lambda *v: jnp.stack(v), *outs)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, None), out_axes=(nnx.Carry, 0))
+        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, None), out_axes=(nnx.Carry, 0),
+                  unroll=self.unroll)
         def body(blocks, x, ids, positions, angles, seg):
             outs = []
             for blk in blocks:

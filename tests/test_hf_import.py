@@ -19,7 +19,7 @@ from model.hf import config_from_hf, load_hf_weights
 # run choices, not architecture: quantisation formats, numerics, kernels, rematerialisation, scan
 RUN_FIELDS = {"quant_matmul", "quant_experts", "quant_kv", "quant_indexer", "quant_block",
               "quant_fp4_block", "quant_kv_block", "dtype", "param_dtype", "moe_impl", "remat",
-              "scan_max_period"}
+              "scan_max_period", "scan_unroll"}
 
 FLASH_RATIOS = [0, 0] + [4, 128] * 20 + [4] + [0]      # 43 layers, then the MTP layer
 PRO_RATIOS = [128, 128] + [4, 128] * 29 + [4] + [0]    # 61 layers, then the MTP layer

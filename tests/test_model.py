@@ -206,6 +206,36 @@ def test_hlo_does_not_grow_with_layers():
     assert big < 1.1 * small
 
 
+def test_unrolled_scan_equals_the_loop(tiny):
+    """scan_unroll=2 runs tiny's (HCA, CSA) x 2 segment as straight-line code: the same stacked
+    parameters (a run field: a checkpoint loads unchanged), the same logits."""
+    cfg, m, fwd = tiny
+    graphdef, state = nnx.split(m)
+    unrolled = nnx.merge(nnx.split(abstract(preset("tiny", scan_unroll=2)))[0], state)
+    ids = rand_ids(cfg, 2, 48, 3)
+    np.testing.assert_allclose(fwd(unrolled, ids)[0], fwd(m, ids)[0], rtol=1e-5, atol=1e-5)
+    scans = {}
+    for name, model in (("loop", m), ("unrolled", unrolled)):
+        g = nnx.split(model)[0]
+        scans[name] = scan_shapes(jax.make_jaxpr(lambda st, ids: nnx.merge(g, st)(ids)[0])(state, ids).jaxpr)
+    # the segment's scan (length 2): one repetition per iteration, or both at once
+    assert (2, 1) in scans["loop"] and (2, 2) not in scans["loop"] and (2, 2) in scans["unrolled"]
+
+
+def scan_shapes(jaxpr) -> list:
+    """(length, unroll) of every scan in a jaxpr, nested calls included (not inside scans)."""
+    found = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "scan":
+            found.append((e.params["length"], e.params["unroll"]))
+            continue
+        for v in e.params.values():
+            inner = getattr(v, "jaxpr", None)
+            if inner is not None:
+                found += scan_shapes(getattr(inner, "jaxpr", inner))
+    return found
+
+
 def test_packed_documents_do_not_see_each_other(tiny):
     """Attention, compressors and indexers stay inside a document of a packed sequence: the
     second document's logits do not change when the first document's tokens do."""
