@@ -173,7 +173,8 @@ def main():
     cases = [(name, name, [], b, s) for name in args.presets.split(",") if name] + ([SHAPE] if args.shape else [])
     for name, preset, model_overrides, b, s in cases:
         run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
-            f"model.preset={preset}", *model_overrides, "model.n_mtp_layers=0", "model.dtype=float32",
+            # model.preset= resets the model section: scan_unroll as configs/tiny.yaml sets it
+            f"model.preset={preset}", *model_overrides, "model.n_mtp_layers=0", "model.dtype=float32", "model.scan_unroll=2",
             "model.param_dtype=float32", "mesh.data=1", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=1",
             f"data.global_batch={b}", f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}",
             f"optim.name={args.optim}"])
