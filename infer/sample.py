@@ -147,12 +147,11 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
                      acceptance=accepted / drafted if drafted else 0.0)
         return out.tokens
     logits, cache = prefill(model, ids, cache, lengths, chunk=chunk)
-    step_fn, leaves = jit_for(decode_sample, model, donate=(1,), temperature=float(temperature),
-                              top_k=int(top_k), top_p=float(top_p))
+    step_fn, leaves = jit_for(decode_slots, model, donate=(1,))  # compiled once per model
+    how = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     key, limit = jax.random.key(seed), jnp.asarray(out.limit, jnp.int32)
     stop = jnp.asarray(sorted(out.stop), jnp.int32).reshape(-1)
-    tok = sample(logits, jax.random.fold_in(key, 0), temperature=float(temperature), top_k=int(top_k),
-                 top_p=float(top_p))
+    tok = sample(logits, jax.random.fold_in(key, 0), **how)
     count = jnp.ones((b,), jnp.int32)
     cur, steps, last = (tok, jnp.asarray(lengths), finished(tok, count, limit, stop), count), 0, int(out.limit.max())
     for step in range(last):
@@ -161,7 +160,8 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
         # stops are tracked on the device too, by the same rule as `out`
         nxt = None
         if step + 1 < last:
-            *nxt, cache = step_fn(leaves, cache, *cur, limit, stop, key, step)
+            logits, cache = step_fn(leaves, cache, *cur[:3])
+            nxt = advance(logits, *cur, limit, stop, key, step, **how)
             steps += 1
         host = np.asarray(cur[0])
         for i in np.flatnonzero(~out.done):
@@ -178,14 +178,19 @@ def finished(tok_B, count_B, limit_B, stop):
     return (tok_B[:, None] == stop[None, :]).any(axis=-1) | (count_B >= limit_B)
 
 
-def decode_sample(model, cache, tok_B, pos_B, done_B, count_B, limit_B, stop, key, step, *, temperature,
-                  top_k, top_p):
-    """`generate`'s decode step with its sampling, all on the device: tok_B [B] are the tokens
-    produced last (at positions pos_B, not in the cache yet; slots done_B idle), count_B how
-    many each slot has produced. Returns the next (tokens, positions, done, counts) and the
-    cache. Step i draws with fold_in(key, i + 1) (the prefill's token with 0)."""
-    logits, cache = decode_logits(model, cache, tok_B, jnp.where(done_B, -1, pos_B))
-    new = sample(logits, jax.random.fold_in(key, step + 1), temperature=temperature, top_k=top_k, top_p=top_p)
+def decode_slots(model, cache, tok_B, pos_B, done_B):
+    """`generate`'s decode step: the logits [B, V] of tok_B at positions pos_B (slots done_B
+    idle) and the cache."""
+    return decode_logits(model, cache, tok_B, jnp.where(done_B, -1, pos_B))
+
+
+@partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def advance(logits_BV, tok_B, pos_B, done_B, count_B, limit_B, stop, key, step, *, temperature, top_k, top_p):
+    """After decode step `step`: the next (tokens, positions, done, counts) of `generate`'s slots,
+    on the device (tok_B were produced last at pos_B; count_B tokens so far). Step i draws with
+    fold_in(key, i + 1) (the prefill's token with 0). Its own small program per sampling
+    setting, so that the decode step compiles once per model."""
+    new = sample(logits_BV, jax.random.fold_in(key, step + 1), temperature=temperature, top_k=top_k, top_p=top_p)
     new = jnp.where(done_B, tok_B, new)
     count = count_B + (~done_B).astype(jnp.int32)
-    return new, pos_B + 1, done_B | finished(new, count, limit_B, stop), count, cache
+    return new, pos_B + 1, done_B | finished(new, count, limit_B, stop), count
