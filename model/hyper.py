@@ -30,17 +30,25 @@ def sinkhorn(logits_NN, iters: int, eps: float):
     return jnp.moveaxis(_sinkhorn(c_NNT, iters, eps), -1, 0).reshape(shape)
 
 
-def _column(c, eps):
-    return c / (c.sum(0, keepdims=True) + eps)
+def _normalise(x, axis, eps):
+    """x divided by its sums along `axis` (+ eps): one Sinkhorn normalisation."""
+    return x / (x.sum(axis, keepdims=True) + eps)
 
 
-def _row(c, eps):
-    return c / (c.sum(1, keepdims=True) + eps)
+def _normalise_vjp(g, x, axis, eps):
+    """The cotangent of x for y = _normalise(x): (g - sum(g * y)) / (sum(x) + eps)."""
+    d = x.sum(axis, keepdims=True) + eps
+    return (g - (g * (x / d)).sum(axis, keepdims=True)) / d
+
+
+def _iteration(c, eps):
+    """Rows, then columns."""
+    return _normalise(_normalise(c, 1, eps), 0, eps)
 
 
 def _first(x_NNT, eps):
     """Row softmax + eps, then the first column normalisation."""
-    return _column(jax.nn.softmax(x_NNT, axis=1) + eps, eps)
+    return _normalise(jax.nn.softmax(x_NNT, axis=1) + eps, 0, eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -48,33 +56,26 @@ def _sinkhorn(x_NNT, iters: int, eps: float):
     comb = _first(x_NNT, eps)
     # A rolled loop: unrolled, the 2 x iters tiny normalisations of every hyper-connection (and
     # their transposes) were half of the compiled program and half of its compile time.
-    return jax.lax.fori_loop(1, iters, lambda _, c: _column(_row(c, eps), eps), comb)
+    return jax.lax.fori_loop(1, iters, lambda _, c: _iteration(c, eps), comb)
 
 
 def _sinkhorn_fwd(x_NNT, iters, eps):
     comb = _first(x_NNT, eps)
-    comb, inputs = jax.lax.scan(lambda c, _: (_column(_row(c, eps), eps), c), comb, None, length=iters - 1)
+    comb, inputs = jax.lax.scan(lambda c, _: (_iteration(c, eps), c), comb, None, length=iters - 1)
     return comb, (x_NNT, inputs)
 
 
 def _sinkhorn_bwd(iters, eps, res, g):
     """The transposed iterations from each one's saved input alone (JAX's autodiff of the loop
-    kept six stacks of per-iteration intermediates): for y = r / (sum_axis(r) + eps),
-    dr = (dy - sum_axis(dy * y)) / (sum_axis(r) + eps)."""
+    kept six stacks of per-iteration intermediates)."""
     x, inputs = res
 
     def back(g, c):
-        e = c.sum(1, keepdims=True) + eps
-        r = c / e
-        d = r.sum(0, keepdims=True) + eps
-        g_r = (g - (g * (r / d)).sum(0, keepdims=True)) / d
-        return (g_r - (g_r * r).sum(1, keepdims=True)) / e, None
+        return _normalise_vjp(_normalise_vjp(g, _normalise(c, 1, eps), 0, eps), c, 1, eps), None
 
     g, _ = jax.lax.scan(back, g, inputs, reverse=True)
     s = jax.nn.softmax(x, axis=1)
-    p = s + eps
-    d = p.sum(0, keepdims=True) + eps
-    g_p = (g - (g * (p / d)).sum(0, keepdims=True)) / d
+    g_p = _normalise_vjp(g, s + eps, 0, eps)
     return (s * (g_p - (g_p * s).sum(1, keepdims=True)),)
 
 
