@@ -34,6 +34,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # removed by the process that made it (pytest's main process; xdist workers inherit it)
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+# Every program, not only those that took >= 1 s to compile: each test file starts from cleared
+# in-memory caches (below), and re-compiling the small eager programs of a model's initialiser
+# (~80 of them, 3.5 s for SMALL) cost more than loading them (1.5 s). 5 test files in one
+# process: 148 -> 125-134 s of CPU.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 # The heaviest files first (worker-seconds of a full run; docs/benchmarks.md, "Test suite"):
