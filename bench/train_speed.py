@@ -170,11 +170,12 @@ def main():
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
           f"{os.cpu_count()} CPU cores")
     rows = []
+    # model.preset= below resets the model section: keep configs/tiny.yaml's scan_unroll
+    unroll = load_run_config(os.path.join(ROOT, "configs/tiny.yaml")).model.scan_unroll
     cases = [(name, name, [], b, s) for name in args.presets.split(",") if name] + ([SHAPE] if args.shape else [])
     for name, preset, model_overrides, b, s in cases:
         run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
-            # model.preset= resets the model section: scan_unroll as configs/tiny.yaml sets it
-            f"model.preset={preset}", *model_overrides, "model.n_mtp_layers=0", "model.dtype=float32", "model.scan_unroll=2",
+            f"model.preset={preset}", *model_overrides, "model.n_mtp_layers=0", "model.dtype=float32", f"model.scan_unroll={unroll}",
             "model.param_dtype=float32", "mesh.data=1", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=1",
             f"data.global_batch={b}", f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}",
             f"optim.name={args.optim}"])
