@@ -23,7 +23,9 @@ an all_gather puts the columns back: each replica does 1/r of the FLOPs. (There 
 than devices, 29 per stacked layer group against 2048 devices on v4-pro-pod: splitting whole
 matrices cannot spread them; every expert-axis replica running every one made the compiled
 step do 4.2x Muon's FLOPs there.)
-Batches that do not divide are padded with zero matrices (which stay zero).
+Batches that do not divide are padded with zero matrices (which stay zero). On a mesh, the
+small matrices of equal shape and sharding (several parameters) are stacked and go through
+one exchange and one Newton-Schulz loop together (`_groups`).
 """
 from __future__ import annotations
 
@@ -68,10 +70,13 @@ def newton_schulz(x_bmn, coeffs, eps: float, column_axes: tuple = (), r: int = 1
     return jnp.swapaxes(x, 1, 2) if tall else x
 
 
+def _tuple(a) -> tuple:
+    return (a,) if isinstance(a, int) else tuple(a)
+
+
 def _axes(dims: MuonDimensionNumbers, ndim: int):
-    as_tuple = lambda a: (a,) if isinstance(a, int) else tuple(a)  # noqa: E731
-    red = tuple(a % ndim for a in as_tuple(dims.reduction_axis))
-    out = tuple(a % ndim for a in as_tuple(dims.output_axis))
+    red = tuple(a % ndim for a in _tuple(dims.reduction_axis))
+    out = tuple(a % ndim for a in _tuple(dims.output_axis))
     batch = tuple(a for a in range(ndim) if a not in red + out)
     return batch, red, out
 
@@ -138,6 +143,23 @@ def _columns_shared(x, coeffs, eps, replicas, mesh):
     return jnp.swapaxes(y, 1, 2) if tall else y
 
 
+def _groups(dims, specs, xs, mesh) -> list:
+    """[(dims, spec, leaf indices)] of the Muon leaves (`dims` not None). On a mesh, leaves whose
+    matrices have fewer than SHARE_MIN elements and equal shape, dtype, dimension numbers and
+    sharding share one group, orthogonalised stacked: one set of exchanges and one Newton-Schulz
+    loop for all of them (each small one alone is mostly collectives' fixed cost; the Muon update
+    of tiny on fsdp=8 emulated CPU devices: 120.6 -> 69.1 ms). Any other leaf is a group of its
+    own (on one device the stacking copies cost more than they save: 20.3 -> 21.6 ms)."""
+    out = {}
+    for i, (d, spec, x) in enumerate(zip(dims, specs, xs)):
+        if d is None:
+            continue
+        _, red, cols = _axes(d, x.ndim)
+        small = mesh is not None and math.prod(x.shape[a] for a in red + cols) < SHARE_MIN
+        out.setdefault((d, spec, x.shape, x.dtype) if small else i, (d, spec, []))[2].append(i)
+    return list(out.values())
+
+
 def scale_by_muon(dims, coeffs, beta: float, consistent_rms: float, eps: float = 1e-8,
                   specs=None, mesh=None) -> optax.GradientTransformation:
     """Muon's direction for the leaves with MuonDimensionNumbers in `dims` (a tree like the
@@ -158,16 +180,20 @@ def scale_by_muon(dims, coeffs, beta: float, consistent_rms: float, eps: float =
                               optax.tree.bias_correction(updates, beta, count))
         spec_tree = specs if specs is not None else jax.tree.map(lambda _: None, dims, is_leaf=is_dims)
 
-        def one(d, spec, x):
-            if d is None:  # an AdamW leaf (masked out by optax.partition)
-                return x
-            _, red, out = _axes(d, x.ndim)
-            fan_in, fan_out = (math.prod(x.shape[a] for a in axes) for axes in (red, out))
-            o = orthogonalize(x, d, state.ns_coeffs, eps, spec, mesh)
-            return o * (math.sqrt(max(fan_in, fan_out)) * consistent_rms)
-
-        out = jax.tree.map(one, dims, spec_tree, mu_hat, is_leaf=lambda d: d is None or is_dims(d))
-        return out, MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
+        flat_dims, treedef = jax.tree.flatten(dims, is_leaf=lambda d: d is None or is_dims(d))
+        out = treedef.flatten_up_to(mu_hat)  # AdamW leaves (None: masked out by optax.partition) as they are
+        for d, spec, idx in _groups(flat_dims, treedef.flatten_up_to(spec_tree), out, mesh):
+            x = out[idx[0]] if len(idx) == 1 else jnp.stack([out[i] for i in idx])
+            if len(idx) > 1:  # a new leading batch axis
+                d = MuonDimensionNumbers(*(tuple(a + 1 if a >= 0 else a for a in _tuple(axes))
+                                           for axes in (d.reduction_axis, d.output_axis)))
+                spec = None if spec is None else P(None, *spec)
+            _, red, cols = _axes(d, x.ndim)
+            fan_in, fan_out = (math.prod(x.shape[a] for a in axes) for axes in (red, cols))
+            o = orthogonalize(x, d, state.ns_coeffs, eps, spec, mesh) * (math.sqrt(max(fan_in, fan_out)) * consistent_rms)
+            for k, i in enumerate(idx):
+                out[i] = o[k] if len(idx) > 1 else o
+        return treedef.unflatten(out), MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
 
     return optax.GradientTransformation(init, update)
 
