@@ -6,7 +6,9 @@ Scores s = score_func(x . W) in float32. Score-routed layers pick top-k of s + b
 only selects); hash-routed layers take k experts from a frozen token -> experts table. Gate
 weights are the unbiased scores of the chosen experts, normalised to sum 1 (not for softmax
 scoring), times route_scale. Experts are SwiGLU with a clamp (up in [-L, L], gate <= L),
-computed in float32; the gate weight multiplies before the down projection. A token's
+computed in float32 on the gate / up products rounded to the compute dtype (DeepSeek's
+reference: `w1(x).float()`); the gate weight multiplies before the down projection, whose
+output is in the compute dtype too (the combine adds in float32). A token's
 contribution from every selected slot is added, even if a table repeats an expert.
 """
 from __future__ import annotations
@@ -200,10 +202,9 @@ class MoE(nnx.Module):
         w1, w3, w2 = (w.astype(dt) for w in self.expert_weights())
         xs = self.expert_input(x_ND[token]).astype(dt)
         impl = choose_impl(cfg.moe_impl)
-        h = swiglu(grouped_matmul(xs, w1, sizes, impl, F32),
-                   grouped_matmul(xs, w3, sizes, impl, F32), cfg.swiglu_limit)
+        h = swiglu(grouped_matmul(xs, w1, sizes, impl, dt), grouped_matmul(xs, w3, sizes, impl, dt), cfg.swiglu_limit)
         h = self.expert_input(h * wts_Nk.reshape(-1)[order][:, None]).astype(dt)
-        out = grouped_matmul(h, w2, sizes, impl, F32)
+        out = grouped_matmul(h, w2, sizes, impl, dt)
         return jnp.zeros((n, x_ND.shape[1]), F32).at[token].add(out)
 
     def _dense(self, x_ND, idx_Nk, wts_Nk):
@@ -213,7 +214,6 @@ class MoE(nnx.Module):
         w1, w3, w2 = (w.astype(dt) for w in self.expert_weights())
         x = self.expert_input(x_ND).astype(dt)
         gates = jnp.einsum("nk,nke->ne", wts_Nk, jax.nn.one_hot(idx_Nk, cfg.n_routed_experts, dtype=F32))
-        h = swiglu(jnp.einsum("nd,edf->nef", x, w1, preferred_element_type=F32),
-                   jnp.einsum("nd,edf->nef", x, w3, preferred_element_type=F32), cfg.swiglu_limit)
+        h = swiglu(jnp.einsum("nd,edf->nef", x, w1), jnp.einsum("nd,edf->nef", x, w3), cfg.swiglu_limit)
         h = self.expert_input(h * gates[..., None]).astype(dt)
         return jnp.einsum("nef,efd->nd", h, w2, preferred_element_type=F32)

@@ -123,11 +123,10 @@ class ExpertParallel:
         # rows are quantised independently: quantising before the transport is the same rounding
         y, dropped = send(moe.expert_input(xf), idx.reshape(-1), wts.reshape(-1), w1.shape[0], experts)
         xs = moe.shared_w1.quant_input(xf).astype(dt)
-        h = swiglu(jnp.einsum("nd,df->nf", xs, sw1.astype(dt), preferred_element_type=F32),
-                   jnp.einsum("nd,df->nf", xs, sw3.astype(dt), preferred_element_type=F32),
-                   cfg.swiglu_limit)
+        h = swiglu(jnp.einsum("nd,df->nf", xs, sw1.astype(dt)), jnp.einsum("nd,df->nf", xs, sw3.astype(dt)),
+                   cfg.swiglu_limit)  # products in `dt`, as MoE.shared's Linear layers
         h = moe.shared_w2.quant_input(h.astype(dt))
-        y = y + jnp.einsum("nf,fd->nd", h, sw2.astype(dt), preferred_element_type=F32)
+        y = y + jnp.einsum("nf,fd->nd", h, sw2.astype(dt)).astype(F32)
         for a in self.tp_axes:
             y = jax.lax.psum(y, a)
         for a in self.sum_axes:
@@ -143,9 +142,12 @@ class ExpertParallel:
         order = jnp.argsort(key)
         sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
         xo = xs[order].astype(dt)
-        h = swiglu(grouped_matmul(xo, w1.astype(dt), sizes, impl, F32),
-                   grouped_matmul(xo, w3.astype(dt), sizes, impl, F32), moe.cfg.swiglu_limit)
-        down = lambda hw: grouped_matmul(moe.expert_input(hw).astype(dt), w2.astype(dt), sizes, impl, F32)  # noqa: E731
+        h = swiglu(grouped_matmul(xo, w1.astype(dt), sizes, impl, dt),
+                   grouped_matmul(xo, w3.astype(dt), sizes, impl, dt), moe.cfg.swiglu_limit)
+        # every product leaves in `dt` (accumulated in float32 inside; DeepSeek's reference rounds
+        # w1(x), w3(x) and w2(h) to the activations' dtype too): no float32 [rows, D] or [rows, F]
+        # output, nor its cotangent, is kept for the receive buffer's rows
+        down = lambda hw: grouped_matmul(moe.expert_input(hw).astype(dt), w2.astype(dt), sizes, impl, dt)  # noqa: E731
         return h, order, sizes, down
 
     def _run_local(self, experts, xs, e, w, valid):
