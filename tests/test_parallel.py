@@ -153,6 +153,42 @@ def test_expert_parallel_quantises_as_one_device():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations (loops, custom
+    derivatives, shard_map, jit)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _equations(sub)
+
+
+def test_bfloat16_expert_products_stay_bfloat16():
+    """In bfloat16 every product of bfloat16 operands in the MoE forward is bfloat16 (accumulated
+    in float32 inside), on one device and expert-parallel: DeepSeek's reference rounds w1(x),
+    w3(x) and w2(h) to the activations' dtype, and a float32 product would keep [rows, D] float32
+    buffers (and their cotangents) for every routed row. The router stays float32."""
+    cfg = preset("tiny", dtype="bfloat16")
+    moe = MoE(cfg, hashed=False, rngs=nnx.Rngs(4))
+    x = jax.random.normal(jax.random.key(2), (BATCH, 16, cfg.dim), jnp.bfloat16)
+    ids = jnp.zeros((BATCH, 16), jnp.int32)
+    graphdef, state = nnx.split(moe)
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, ids)[0])
+    mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2), cfg, global_batch=BATCH)
+    with sharded(mesh, Rules(), "capacity", None):
+        parallel = jax.make_jaxpr(forward)(state, x)
+    for name, jaxpr in (("one device", jax.make_jaxpr(forward)(state, x)), ("expert-parallel", parallel)):
+        dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name in ("dot_general", "ragged_dot")]
+        low = [e for e in dots if all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+        assert len(low) >= 3 and len(dots) > len(low), name  # experts' products; the float32 router
+        assert all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in low), (name, low)
+    got, _ = run_ep(moe, x, ids, mesh, Rules(), None)
+    ref = forward(state, x)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
+
+
 def test_capacity_transport_counts_and_drops_overflow(moe_case):
     cfg, moe, x, ids = moe_case
     mesh = make_mesh(MeshConfig(data=2, expert=4), cfg, global_batch=BATCH)
