@@ -280,3 +280,31 @@ def test_query_chunks_equal_whole_sequence(ratio, dense_csa):
     assert ratio != 4 or float(kl) > 0  # the indexer's KL term is live on CSA
     for g, gc in zip(grads, grads_c):
         np.testing.assert_allclose(gc, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_against_a_rotation_matrix(dtype):
+    """apply_rope and its vector-Jacobian product against a float64 rotation matrix built by
+    hand (rotary dims last, the rest untouched; the backward is the opposite rotation)."""
+    from model.layers import apply_rope
+
+    s, h, k, r = 5, 3, 12, 8
+    x = jax.random.normal(jax.random.key(0), (2, s, h, k), jnp.float32).astype(dtype)
+    g = jax.random.normal(jax.random.key(1), (2, s, h, k), jnp.float32).astype(dtype)
+    angles = jnp.arange(s, dtype=jnp.float32)[:, None] * jnp.asarray([1.0, 0.3, 0.05, 0.01])
+    rot = np.zeros((s, k, k))  # y[..., i] = sum_j x[..., j] rot[s, j, i]
+    for p in range(s):
+        rot[p] = np.eye(k)
+        for i in range(r // 2):
+            e, o, a = k - r + 2 * i, k - r + 2 * i + 1, float(angles[p, i])
+            rot[p, e, e], rot[p, o, e], rot[p, e, o], rot[p, o, o] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    y, vjp = jax.vjp(lambda x: apply_rope(x, angles), x)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(y, np.float64), np.einsum("bshj,sji->bshi", x64, rot), atol=tol)
+    (dx,) = vjp(g)
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(np.asarray(dx, np.float64), np.einsum("bshi,sji->bshj", g64, rot), atol=tol)
+    np.testing.assert_array_equal(dx[..., :k - r], g[..., :k - r])
+    back = apply_rope(apply_rope(x.astype(jnp.float32), angles), angles, inverse=True)
+    np.testing.assert_allclose(back, x.astype(jnp.float32), atol=1e-6)
