@@ -29,15 +29,15 @@ from plan.compile import compile_step, compiled_total, libtpu_available
 from plan.flops import (REMAT_FLOPS, HloFlops, count_hlo_flops, flops_per_step, hlo_flops, kernel_fill,
                         model_flops_per_device, optimizer_flops)
 from plan.hardware import CHIPS, Chip, GiB, MiB, PlanError, Topology, load_chips, parse_topology, torus_shape
-from plan.memory import (FIT_FRACTION, Activations, Memory, StateLayout, activations, estimate, import_host_bytes,
-                         residual_bytes)
+from plan.memory import (FIT_FRACTION, Activations, Memory, StateLayout, activations, estimate, exchange_bytes,
+                         import_host_bytes, residual_bytes)
 from plan.report import plan, report_compile, report_import, report_memory, report_storage
 from plan.search import MAX_EXPERT, check_mesh, suggest, why_not
 
 __all__ = [
     "CHIPS", "FIT_FRACTION", "MAX_EXPERT", "REMAT_FLOPS", "Activations", "Chip", "GiB", "HloFlops", "Memory", "MiB",
     "PlanError", "StateLayout", "Topology", "activations", "check_mesh", "compile_step", "compiled_total",
-    "count_hlo_flops", "estimate", "flops_per_step", "hlo_flops", "import_host_bytes", "kernel_fill",
+    "count_hlo_flops", "estimate", "exchange_bytes", "flops_per_step", "hlo_flops", "import_host_bytes", "kernel_fill",
     "libtpu_available", "load_chips", "main",
     "model_flops_per_device", "optimizer_flops", "parse_topology", "plan", "report_compile", "report_import",
     "report_memory", "report_storage", "residual_bytes", "suggest", "torus_shape", "why_not",

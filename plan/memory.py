@@ -13,6 +13,10 @@
 - The gradients of the embedding and the head, full-size on every device before their
   reduce-scatter (a device's tokens touch every row), twice (the partial and the collective's
   buffer): StateLayout.vocab_partials.
+- The expert-parallel exchange of the layer being recomputed and differentiated, which the
+  one-device trace above does not have (its routed rows never leave the device): the tokens'
+  send and receive buffers and the results' send and receive buffers, in the compute dtype,
+  in the forward and again as cotangents in the backward: `exchange_bytes`.
 """
 from __future__ import annotations
 
@@ -209,6 +213,7 @@ class Memory:
     working: float    # one block recomputed during the backward (remat), weight casts
     seqs: float       # sequences per device per micro-batch
     partials: float   # full-size embedding / head gradients before their reduce-scatter
+    exchange: float   # expert-parallel send / receive buffers of one layer, forward and backward
 
     @property
     def arguments(self) -> float:
@@ -218,7 +223,7 @@ class Memory:
     @property
     def temporaries(self) -> float:
         """What the step allocates while it runs."""
-        return self.grads + self.saved + self.working + self.partials
+        return self.grads + self.saved + self.working + self.partials + self.exchange
 
     @property
     def total(self) -> float:
@@ -234,7 +239,8 @@ class Memory:
                 ("batch (inputs, targets, segments, mask)", self.batch),
                 (f"activations kept (remat {m.remat}, {self.seqs:g} seq x {run_cfg.data.seq_len})", self.saved),
                 ("recompute working set + weight casts", self.working),
-                ("embedding / head grads before reduce-scatter", self.partials)]
+                ("embedding / head grads before reduce-scatter", self.partials),
+                ("expert exchange buffers (one layer, fwd + bwd)", self.exchange)]
 
 
 def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory:
@@ -249,4 +255,24 @@ def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory
     grads = state["params"] * (2 if micro > 1 else 1)
     batch = 4 * 4 * run_cfg.data.global_batch / shards * run_cfg.data.seq_len
     return Memory(state["params"], state["rest"], grads, state["opt"], batch, act.per_seq * seqs,
-                  act.block * seqs + act.fixed * param_share, seqs, layout.vocab_partials(mesh))
+                  act.block * seqs + act.fixed * param_share, seqs, layout.vocab_partials(mesh),
+                  exchange_bytes(run_cfg, sizes["expert"], seqs))
+
+
+def exchange_bytes(run_cfg, ep: int, seqs: float) -> int:
+    """Bytes of one MoE layer's expert-parallel exchange on a device holding `seqs` sequences:
+    the routed (token, slot) pairs sent and the receive buffer's rows (capacity_factor x the
+    balanced load, or every sender's pairs when dropless: parallel.expert.ragged_capacity), for
+    the tokens going out and the results coming back, each [rows, dim] in the compute dtype;
+    counted twice: the recomputed forward's buffers and their cotangents in the backward.
+    0 without an expert axis."""
+    import numpy as np
+
+    from parallel.expert import ragged_capacity
+
+    if ep == 1:
+        return 0
+    m = run_cfg.model
+    pairs = math.ceil(seqs * run_cfg.data.seq_len * m.n_activated_experts)
+    rows = ragged_capacity(pairs, ep, run_cfg.train.capacity_factor)
+    return 2 * 2 * (pairs + rows) * m.dim * np.dtype(m.dtype).itemsize

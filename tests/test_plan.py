@@ -124,6 +124,24 @@ def test_vocab_partials(pod):
     assert layout.vocab_partials(abstract_mesh({"data": 1, "fsdp": 16, "expert": 16, "tensor": 2})) == 2 * full
 
 
+def test_exchange_bytes(pod):
+    """The expert exchange of one layer, by hand: v4-flash-pod holds 4096 tokens per device,
+    6 pairs each, sent as bfloat16 rows of 4096 into a receive buffer of 2 x the pairs
+    (capacity factor 2), tokens out and results back, forward and backward; dropless receives
+    every sender's pairs; no expert axis, no exchange. The estimate's total includes it."""
+    import dataclasses
+
+    cfg, layout = pod
+    pairs = 4096 * 6
+    assert P.exchange_bytes(cfg, 16, 1.0) == 2 * 2 * (pairs + 2 * pairs) * 4096 * 2
+    dropless = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, capacity_factor=None))
+    assert P.exchange_bytes(dropless, 16, 1.0) == 2 * 2 * (pairs + 16 * pairs) * 4096 * 2
+    assert P.exchange_bytes(cfg, 1, 1.0) == 0
+    mem = P.estimate(cfg, layout, P.Activations(0, 0, 0), {"data": 1, "fsdp": 32, "expert": 16, "tensor": 1})
+    assert mem.exchange == P.exchange_bytes(cfg, 16, 1.0)
+    assert mem.total == pytest.approx(sum(v for _, v in mem.rows(cfg)))
+
+
 def test_kernel_fill():
     """The share of the ragged receive buffer a balanced routing fills, by hand: v4-flash-pod on
     v5p-1024 (fsdp=32 x expert=16) holds 512 x 4096 / 512 = 4096 tokens per device, 6 experts
