@@ -266,8 +266,7 @@ def exchange_bytes(run_cfg, ep: int, seqs: float) -> int:
     the tokens going out and the results coming back, each [rows, dim] in the compute dtype;
     counted twice: the recomputed forward's buffers and their cotangents in the backward.
     0 without an expert axis."""
-    import numpy as np
-
+    from model.layers import dtype_of
     from parallel.expert import ragged_capacity
 
     if ep == 1:
@@ -275,4 +274,4 @@ def exchange_bytes(run_cfg, ep: int, seqs: float) -> int:
     m = run_cfg.model
     pairs = math.ceil(seqs * run_cfg.data.seq_len * m.n_activated_experts)
     rows = ragged_capacity(pairs, ep, run_cfg.train.capacity_factor)
-    return 2 * 2 * (pairs + rows) * m.dim * np.dtype(m.dtype).itemsize
+    return 2 * 2 * (pairs + rows) * m.dim * dtype_of(m.dtype).itemsize

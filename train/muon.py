@@ -180,19 +180,23 @@ def scale_by_muon(dims, coeffs, beta: float, consistent_rms: float, eps: float =
                               optax.tree.bias_correction(updates, beta, count))
         spec_tree = specs if specs is not None else jax.tree.map(lambda _: None, dims, is_leaf=is_dims)
 
+        def direction(x, d, spec):
+            _, red, cols = _axes(d, x.ndim)
+            fan_in, fan_out = (math.prod(x.shape[a] for a in axes) for axes in (red, cols))
+            return orthogonalize(x, d, state.ns_coeffs, eps, spec, mesh) * (math.sqrt(max(fan_in, fan_out)) * consistent_rms)
+
         flat_dims, treedef = jax.tree.flatten(dims, is_leaf=lambda d: d is None or is_dims(d))
         out = treedef.flatten_up_to(mu_hat)  # AdamW leaves (None: masked out by optax.partition) as they are
         for d, spec, idx in _groups(flat_dims, treedef.flatten_up_to(spec_tree), out, mesh):
-            x = out[idx[0]] if len(idx) == 1 else jnp.stack([out[i] for i in idx])
-            if len(idx) > 1:  # a new leading batch axis
-                d = MuonDimensionNumbers(*(tuple(a + 1 if a >= 0 else a for a in _tuple(axes))
-                                           for axes in (d.reduction_axis, d.output_axis)))
-                spec = None if spec is None else P(None, *spec)
-            _, red, cols = _axes(d, x.ndim)
-            fan_in, fan_out = (math.prod(x.shape[a] for a in axes) for axes in (red, cols))
-            o = orthogonalize(x, d, state.ns_coeffs, eps, spec, mesh) * (math.sqrt(max(fan_in, fan_out)) * consistent_rms)
+            if len(idx) == 1:
+                out[idx[0]] = direction(out[idx[0]], d, spec)
+                continue
+            # stacked on a new leading batch axis: the matrix axes move one up
+            shifted = MuonDimensionNumbers(*(tuple(a + 1 if a >= 0 else a for a in _tuple(axes))
+                                             for axes in (d.reduction_axis, d.output_axis)))
+            o = direction(jnp.stack([out[i] for i in idx]), shifted, None if spec is None else P(None, *spec))
             for k, i in enumerate(idx):
-                out[i] = o[k] if len(idx) > 1 else o
+                out[i] = o[k]
         return treedef.unflatten(out), MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
 
     return optax.GradientTransformation(init, update)
