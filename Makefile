@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test train generate bench venv clean
+.PHONY: test test-pod train generate bench venv clean
 
 # modules are compiled to bytecode once, on first import (see --no-compile below)
 unexport PYTHONDONTWRITEBYTECODE
@@ -22,6 +22,10 @@ venv: $(STAMP)
 # whole test files per worker (their module fixtures are built once), one worker per core, <= 4
 test: $(STAMP)
 	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile
+
+# the planner against libtpu on a reduced-depth pod config (~10 min, ~11 GB host; needs libtpu)
+test-pod: $(STAMP)
+	$(PY) -m pytest -m pod
 
 train: $(STAMP)
 	$(PY) -m train --config configs/tiny.yaml

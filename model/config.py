@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Fields that say how a run computes, not what the network is: a checkpoint made with other
 # values loads unchanged (train.init_from, model.load_pretrained's overrides).
 RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_max_period", "scan_unroll", "moe_impl", "attn_query_chunk",
+              "head_chunks",
               "quant_matmul", "quant_matmul_impl", "quant_experts", "quant_kv", "quant_indexer", "quant_block",
               "quant_fp4_block", "quant_kv_block", "init_std", "hash_seed")
 
@@ -66,6 +67,9 @@ class ModelConfig:
     # queries attended at a time (0 = all): bounds the per-query logits and gathered top-k
     # entries to one chunk, recomputed per chunk in the backward; a multiple of window_size
     attn_query_chunk: int = 0
+    # the training loss computes the head's float32 logits this many vocabulary slices at a time
+    # and recomputes them in the backward: no [B, S, V] logits are kept (divides vocab_size)
+    head_chunks: int = 1
     # per-layer compression ratio: 0 = sliding window only, csa_ratio = CSA, anything else = HCA
     compress_ratios: tuple[int, ...] = (0, 0) + (4, 128) * 20 + (4,)
     # the ratio whose layers use overlapping blocks and the lightning indexer (CSA)
@@ -203,6 +207,8 @@ def _validate(c: ModelConfig) -> None:
     check(c.scan_max_period >= 1, "scan_max_period", "must be >= 1")
     check(c.scan_unroll >= 1, "scan_unroll", "must be >= 1")
     check(c.remat in REMATS, "remat", f"must be one of {REMATS}, got {c.remat!r}")
+    check(c.head_chunks > 0 and c.vocab_size % c.head_chunks == 0, "head_chunks",
+          f"must divide vocab_size={c.vocab_size}, got {c.head_chunks}")
     check(c.attn_query_chunk >= 0 and c.attn_query_chunk % c.window_size == 0, "attn_query_chunk",
           f"must be 0 or a multiple of window_size={c.window_size}, got {c.attn_query_chunk}")
     for name, choices in QUANT_CHOICES.items():

@@ -50,6 +50,7 @@ def plan_segments(kinds: list[Kind], max_period: int) -> list[tuple[int, tuple[K
 class ModelAux:
     """Extra outputs. Per-layer arrays have one row per main layer, then one per MTP block."""
     mtp_logits: tuple            # n_mtp_layers x [B, S, V]; MTP block j predicts token t + j + 2
+                                 # (empty from Model.features: the loss applies the head)
     expert_counts: jax.Array     # [L, E] int32 (token, slot) pairs routed to each expert
     balance_f: jax.Array         # [L, B, E] sequence-wise balance loss terms f_i ...
     balance_p: jax.Array         # [L, B, E] ... and P_i; loss = alpha * mean_B sum_i f_i P_i
@@ -162,10 +163,11 @@ class MTPBlock(nnx.Module):
         self.block = Block(cfg, (0, False), rngs)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
         self.hc_head = HyperHead(cfg, rngs)
+        self.call = _remat(cfg)  # rematerialised like the main layers (a whole layer's residuals)
 
     def __call__(self, h_BSND, emb_BSD, ids_BS, positions, angles, seg_BS):
         x = self.e_proj(self.enorm(emb_BSD))[:, :, None, :] + self.h_proj(self.hnorm(h_BSND))
-        x, stats = self.block(x.astype(h_BSND.dtype), ids_BS, positions, angles, seg_BS)
+        x, stats = self.call(self.block, x.astype(h_BSND.dtype), ids_BS, positions, angles, seg_BS, False)
         return x, self.norm(self.hc_head(x)), stats
 
 
@@ -191,6 +193,13 @@ class Model(nnx.Module):
         segment_ids int32 [B, S] (optional): document id of each token of packed sequences;
         attention, compressors and indexers never look across documents. dense_csa: CSA layers
         attend to every visible block (the indexer's dense warm-up)."""
+        hs, aux = self.features(input_ids, segment_ids=segment_ids, dense_csa=dense_csa)
+        return self.logits(hs[0]), aux.replace(mtp_logits=tuple(self.logits(h) for h in hs[1:]))
+
+    def features(self, input_ids, *, segment_ids=None, dense_csa: bool = False):
+        """What the head reads: ((main [B, S, D], one per MTP block), ModelAux without logits).
+        The training loss applies the head itself, a vocabulary slice at a time
+        (train/step.py head_ce), so that no [B, S, V] logits are kept for the backward."""
         cfg = self.cfg
         b, s = input_ids.shape
         seg = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -199,24 +208,25 @@ class Model(nnx.Module):
         # gather the (vocab / FSDP sharded) table whole before the lookup: a lookup into a table
         # sharded on the batch's own mesh axes would make the partitioner replicate the result
         table = constrain(self.embed[...], (None, None))
-        emb = table[input_ids].astype(dtype_of(cfg.dtype))
-        x = jnp.broadcast_to(emb[:, :, None, :], (b, s, cfg.hc_mult, cfg.dim))
+        ids = [input_ids]  # then the tokens each MTP block reads: one further each
+        for _ in self.mtp:
+            ids.append(jnp.concatenate([ids[-1][:, 1:], jnp.zeros_like(ids[-1][:, :1])], axis=1))
+        # one lookup for all: its backward is one scatter-add into a whole [V, D] float32 table
+        # on every device (one per lookup were the largest buffers of a pod step's end)
+        embs = table[jnp.stack(ids)].astype(dtype_of(cfg.dtype))
+        x = jnp.broadcast_to(embs[0][:, :, None, :], (b, s, cfg.hc_mult, cfg.dim))
         x = constrain(x, ("batch", "act_seq", None, "act_embed"))
         stats = []
         for segment in self.segments:
             x, st = segment(x, input_ids, positions, angles, seg, dense_csa)
             stats.append(st)
-        logits = self.logits(self.norm(self.hc_head(x)))
-        mtp_logits, ids = [], input_ids
-        for mtp in self.mtp:
-            ids = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)  # next tokens
-            emb_next = table[ids].astype(emb.dtype)
-            x, h, st = mtp(x, emb_next, ids, positions, angles, seg)
-            mtp_logits.append(self.logits(h))
+        hs = [self.norm(self.hc_head(x))]
+        for j, mtp in enumerate(self.mtp):
+            x, h, st = mtp(x, embs[j + 1], ids[j + 1], positions, angles, seg)
+            hs.append(h)
             stats.append(jax.tree.map(lambda v: v[None], st))
         st = jax.tree.map(lambda *v: jnp.concatenate(v), *stats)
-        return logits, ModelAux(tuple(mtp_logits), st["counts"], st["f"], st["p"], st["kl"],
-                                st["kl_queries"], st["dropped"])
+        return tuple(hs), ModelAux((), st["counts"], st["f"], st["p"], st["kl"], st["kl_queries"], st["dropped"])
 
 
 def layer_block(model: Model, layer: int) -> Block:

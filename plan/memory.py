@@ -12,7 +12,7 @@
   the working set. Activations sharded over `tensor` are counted whole (an upper bound).
 - The gradients of the embedding and the head, full-size on every device before their
   reduce-scatter (a device's tokens touch every row), twice (the partial and the collective's
-  buffer): StateLayout.vocab_partials.
+  buffer); the head's one vocabulary slice at a time (model.head_chunks): StateLayout.vocab_partials.
 - The expert-parallel exchange of the layer being recomputed and differentiated, which the
   one-device trace above does not have (its routed rows never leave the device): the tokens'
   send and receive buffers and the results' send and receive buffers, in the compute dtype,
@@ -81,18 +81,19 @@ class StateLayout:
         return {tuple(k.key for k in path): math.prod(shape(x))
                 for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
-    def vocab_partials(self, mesh) -> int:
+    def vocab_partials(self, mesh, head_chunks: int = 1) -> int:
         """Bytes of the full-size gradients of the vocab-sized parameters (embedding, head) on one
         device before they are reduce-scattered: a device's tokens touch the whole parameter, so
         its partial gradient is sharded only over the mesh axes that do not split the batch. Each
         is counted twice: libtpu's memory report on v4-pro-pod shows the partial and the
-        collective's buffer live together at the end of the backward (4 x 3.45 GiB there)."""
+        collective's buffer live together at the end of the backward (4 x 3.45 GiB there). The
+        loss makes the head's gradient one vocabulary slice of `head_chunks` at a time."""
         from flax import nnx
 
         from parallel.mesh import BATCH_AXES
 
         total = 0
-        for _, var in nnx.to_flat_state(self.param_state):
+        for path, var in nnx.to_flat_state(self.param_state):
             names = var.get_metadata().get("out_sharding") or ()
             if "vocab" not in names:
                 continue
@@ -100,6 +101,7 @@ class StateLayout:
             spec = tuple(self.rules.spec(names))
             split = math.prod(mesh.shape[a] for e in spec for a in ((e,) if isinstance(e, str) else e or ())
                               if a not in BATCH_AXES)
+            split *= head_chunks if path[0] == "head" else 1
             total += 2 * x.size * x.dtype.itemsize // split
         return total
 
@@ -255,7 +257,8 @@ def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory
     grads = state["params"] * (2 if micro > 1 else 1)
     batch = 4 * 4 * run_cfg.data.global_batch / shards * run_cfg.data.seq_len
     return Memory(state["params"], state["rest"], grads, state["opt"], batch, act.per_seq * seqs,
-                  act.block * seqs + act.fixed * param_share, seqs, layout.vocab_partials(mesh),
+                  act.block * seqs + act.fixed * param_share, seqs,
+                  layout.vocab_partials(mesh, run_cfg.model.head_chunks),
                   exchange_bytes(run_cfg, sizes["expert"], seqs))
 
 

@@ -63,16 +63,16 @@ def why_not(run_cfg, mem: Memory, hbm: float) -> list[str]:
     out = [f"needs {mem.total / GiB:.1f} GiB per device, over {FIT_FRACTION:.0%} of {hbm / GiB:.1f} GiB; "
            f"largest: {rows[0][0]} {rows[0][1] / GiB:.1f} GiB, {rows[1][0]} {rows[1][1] / GiB:.1f} GiB"]
     act = mem.saved + mem.working
-    if act > mem.total / 2:
-        if run_cfg.model.remat == "none":
-            out.append("activations dominate: model.remat=full keeps only each block's input")
-        micro = run_cfg.train.micro_batches
-        free = FIT_FRACTION * hbm - (mem.total - act) - (mem.grads if micro == 1 else 0)  # + accumulator
-        seqs = round(mem.seqs * micro)  # per device per step
-        more = [m for m in _divisors(seqs) if m > micro and act * micro / m <= free]
-        if more:
-            out.append(f"activations dominate: train.micro_batches={more[0]} divides them by {more[0] / micro:g}")
+    if act > mem.total / 2 and run_cfg.model.remat == "none":
+        out.append("activations dominate: model.remat=full keeps only each block's input")
+    micro = run_cfg.train.micro_batches
+    free = FIT_FRACTION * hbm - (mem.total - act) - (mem.grads if micro == 1 else 0)  # + accumulator
+    seqs = round(mem.seqs * micro)  # per device per step
+    more = [m for m in _divisors(seqs) if m > micro and act * micro / m <= free]
+    if more:  # whatever dominates, fewer sequences at a time is the change that keeps the job
+        out.append(f"activations: train.micro_batches={more[0]} divides them by {more[0] / micro:g} and fits")
     else:
-        out.append("the train state dominates: shard it over more devices (fsdp / expert) or a larger slice")
+        out.append(("the train state dominates" if act <= mem.total / 2 else "no micro-batch count fits")
+                   + ": shard it over more devices (fsdp / expert) or a larger slice")
     return out
 

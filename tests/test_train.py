@@ -20,7 +20,7 @@ from train.hooks import Hook
 from train.main import run
 from train.optim import make_optimizer, muon_partition
 from train.state import init_state
-from train.step import denominators, loss_sums, make_grad_fn, total_loss
+from train.step import denominators, head_ce, head_targets, loss_sums, make_grad_fn, token_ce, total_loss
 
 from sizes import SMALL_OVERRIDES
 
@@ -50,7 +50,8 @@ def test_loss_terms_by_hand():
     aux = ModelAux((jnp.asarray(mtp),), jnp.zeros((3, 4), jnp.int32), jnp.asarray(f), jnp.asarray(p),
                    jnp.asarray(kl), jnp.asarray(queries), jnp.zeros((3,), jnp.int32))
     batch = {"targets": jnp.asarray(targets), "loss_mask": jnp.asarray(mask)}
-    sums = loss_sums(jnp.asarray(logits), aux, batch, cfg)
+    heads = [token_ce(jnp.asarray(lg), t) for lg, t in zip((logits, mtp), head_targets(jnp.asarray(targets), 2))]
+    sums = loss_sums(heads, aux, batch, cfg)
 
     def ce(lg, t):
         lse = np.log(np.exp(lg).sum(-1))
@@ -74,6 +75,32 @@ def test_loss_terms_by_hand():
             + 1e-4 * (lse ** 2 * mask).sum() / mask.sum() + 1e-4 * ((f * p).sum((1, 2))[1:]).mean() / 2
             + 2.5 / 10)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 7])
+def test_head_ce_against_float64(chunks):
+    """The loss's head (logits a vocabulary slice at a time, recomputed in its own backward):
+    CE, log-partition and the gradients of a weighted sum of both against float64 by hand."""
+    rng = np.random.default_rng(1)
+    h, w = rng.normal(size=(2, 5, 6)), rng.normal(size=(6, 28))
+    targets = rng.integers(0, 28, (2, 5))
+    targets[0, :2] = (0, 27)  # the first and last ids (first and last slices)
+    a, b = rng.uniform(size=(2, 5)), rng.uniform(size=(2, 5))  # cotangents of ce and lse
+
+    def loss(h, w):
+        ce, lse = head_ce(h, w, jnp.asarray(targets), chunks)
+        return jnp.sum(ce * a + lse * b), (ce, lse)
+
+    (_, (ce, lse)), (dh, dw) = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+        jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32))
+    logits = h @ w
+    want_lse = np.log(np.exp(logits).sum(-1))
+    want_ce = want_lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    g = np.exp(logits - want_lse[..., None]) * (a + b)[..., None] - np.eye(28)[targets] * a[..., None]
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5)
+    np.testing.assert_allclose(ce, want_ce, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dh, g @ w.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("bsd,bsv->dv", h, g), rtol=1e-4, atol=1e-5)
 
 
 def test_muon_partition():

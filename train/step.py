@@ -15,12 +15,15 @@ run when `bad` reaches train.max_bad_steps.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from model.config import ModelConfig
+from model.layers import constrain
 from model.transformer import update_routing_bias
 
 F32 = jnp.float32
@@ -31,6 +34,66 @@ def token_ce(logits, targets):
     """Per-token cross-entropy and log-partition, float32."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     return lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0], lse
+
+
+def head_ce(h_BSD, w_DV, targets_BS, chunks: int):
+    """token_ce of the float32 logits h @ w, computed `chunks` vocabulary slices at a time (a
+    running log-sum-exp) and recomputed slice by slice in the backward: the [B, S, V] logits
+    are never kept, and each slice of the weight's gradient is made once, whole."""
+    return _head_ce(h_BSD, w_DV, targets_BS, chunks)
+
+
+def _slices(w_DV, chunks: int):
+    """[chunks, D, V / chunks] and each slice's first vocabulary id."""
+    d, v = w_DV.shape
+    return jnp.moveaxis(w_DV.reshape(d, chunks, v // chunks), 1, 0), jnp.arange(chunks) * (v // chunks)
+
+
+def _slice_logits(h_BSD, w_DC):
+    return constrain(jnp.einsum("bsd,dc->bsc", h_BSD.astype(F32), w_DC.astype(F32)), ("batch", "act_seq", "act_vocab"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_ce(h_BSD, w_DV, targets_BS, chunks):
+    return _head_ce_fwd(h_BSD, w_DV, targets_BS, chunks)[0]
+
+
+def _head_ce_fwd(h_BSD, w_DV, targets_BS, chunks):
+    def body(carry, xs):
+        top, total, picked = carry
+        w_DC, first = xs
+        logits = _slice_logits(h_BSD, w_DC)
+        new_top = jnp.maximum(top, jnp.max(logits, -1))
+        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[..., None]), -1)
+        local = targets_BS - first
+        inside = (local >= 0) & (local < logits.shape[-1])
+        here = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[..., None], -1)[..., 0]
+        return (new_top, total, picked + jnp.where(inside, here, 0.0)), None
+
+    zeros = jnp.zeros(targets_BS.shape, F32)
+    (top, total, picked), _ = jax.lax.scan(body, (zeros - jnp.inf, zeros, zeros), _slices(w_DV, chunks))
+    lse = top + jnp.log(total)
+    return (lse - picked, lse), (h_BSD, w_DV, targets_BS, lse)
+
+
+def _head_ce_bwd(chunks, res, cts):
+    h_BSD, w_DV, targets_BS, lse = res
+    d_ce, d_lse = cts
+
+    def body(d_h, xs):
+        w_DC, first = xs
+        logits = _slice_logits(h_BSD, w_DC)
+        own = jax.nn.one_hot(targets_BS - first, logits.shape[-1], dtype=F32)  # 0 outside the slice
+        g = jnp.exp(logits - lse[..., None]) * (d_ce + d_lse)[..., None] - own * d_ce[..., None]
+        d_h = d_h + jnp.einsum("bsc,dc->bsd", g, w_DC.astype(F32))
+        return d_h, jnp.einsum("bsd,bsc->dc", h_BSD.astype(F32), g)
+
+    d_h, d_w = jax.lax.scan(body, jnp.zeros(h_BSD.shape, F32), _slices(w_DV, chunks))
+    d_w = jnp.moveaxis(d_w, 0, 1).reshape(w_DV.shape)
+    return d_h.astype(h_BSD.dtype), d_w.astype(w_DV.dtype), None
+
+
+_head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
 def mtp_mask(mask_BS, depth: int):
@@ -45,15 +108,20 @@ def shifted(targets_BS, k: int):
     return jnp.pad(targets_BS[:, k:], ((0, 0), (0, k)))
 
 
-def loss_sums(logits, aux, batch, model_cfg: ModelConfig):
-    """Unnormalised sums of every loss term over one (micro-)batch."""
+def head_targets(targets_BS, n_heads: int):
+    """What each head predicts: the next token, then MTP block j the token j + 2 ahead."""
+    return [targets_BS] + [shifted(targets_BS, j + 1) for j in range(n_heads - 1)]
+
+
+def loss_sums(heads, aux, batch, model_cfg: ModelConfig):
+    """Unnormalised sums of every loss term over one (micro-)batch. heads: (ce, lse) [B, S] of
+    the main head, then of each MTP block, against head_targets (token_ce or head_ce)."""
     mask = batch["loss_mask"].astype(F32)
-    ce, lse = token_ce(logits, batch["targets"])
+    (ce, lse), mtp = heads[0], heads[1:]
     out = {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask)}
     out["mtp"] = jnp.zeros((), F32)
-    for j, mtp_logits in enumerate(aux.mtp_logits):
-        ce_j, _ = token_ce(mtp_logits, shifted(batch["targets"], j + 1))
-        out["mtp"] += jnp.sum(ce_j * mtp_mask(mask, j)) / max(len(aux.mtp_logits), 1)
+    for j, (ce_j, _) in enumerate(mtp):
+        out["mtp"] += jnp.sum(ce_j * mtp_mask(mask, j)) / max(len(mtp), 1)
     scored = jnp.asarray([i >= model_cfg.n_hash_layers or i >= model_cfg.n_layers
                           for i in range(aux.balance_f.shape[0])], F32)
     per_layer = jnp.sum(aux.balance_f * aux.balance_p, axis=(1, 2))       # summed over sequences
@@ -95,8 +163,10 @@ def make_forward(graphdef, model_cfg: ModelConfig):
     counts, dropped)): the function every gradient of the step is taken of."""
     def forward(params, rest, mb, denoms, weights, dense):
         model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
-        logits, aux = model(mb["inputs"], segment_ids=mb["segment_ids"], dense_csa=dense)
-        sums = loss_sums(logits, aux, mb, model_cfg)
+        hs, aux = model.features(mb["inputs"], segment_ids=mb["segment_ids"], dense_csa=dense)
+        w = model.head.weight()
+        heads = [head_ce(h, w, t, model_cfg.head_chunks) for h, t in zip(hs, head_targets(mb["targets"], len(hs)))]
+        sums = loss_sums(heads, aux, mb, model_cfg)
         loss, _ = total_loss(sums, denoms, weights)
         return loss, (sums, aux.expert_counts, jnp.sum(aux.dropped_tokens))
 
