@@ -11,8 +11,9 @@ Every implementation computes exactly that; they differ in what the backend make
   rows' own matmuls), so it stays the reference on CPU.
 - "tiled": a loop over tiles of T consecutive rows of one group, each a plain [T, D] x [D, F]
   matmul with that group's matrix read in place (no gathered weights, no padded copies), with
-  its own backward (the same loop for dx, and dw[e] accumulated in place). It costs the routed
-  rows' FLOPs plus at most one partial tile per group, at matmul speed on XLA:CPU.
+  its own backward (one loop: each tile's dx and its dw[e], accumulated in place). It costs the
+  routed rows' FLOPs plus at most one partial tile per group, at matmul speed on XLA:CPU.
+  `grouped_matmuls(x, (w1, w3), ...)` runs several matrices in the same loop.
 - "megablox": the Pallas TPU grouped-matmul kernel (jax.experimental.pallas.ops.tpu.megablox),
   with its transposed kernel for the weight gradient.
 `choose_impl("auto")` picks tiled on CPU, megablox on TPU and ragged on GPU.
@@ -43,10 +44,20 @@ def grouped_matmul(x, w, sizes, impl: str, preferred_element_type=None):
     if impl == "ragged":
         return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=out)
     if impl == "tiled":
-        return _tiled(x, w, sizes.astype(jnp.int32), tile_rows(x.shape[0], w.shape[0]), jnp.dtype(out))
+        return grouped_matmuls(x, (w,), sizes, impl, out)[0]
     if impl == "megablox":
         return _megablox(x, w, sizes.astype(jnp.int32), jnp.dtype(out))
     raise ValueError(f"grouped_matmul: no implementation {impl!r}; use one of {IMPLS[1:]}")
+
+
+def grouped_matmuls(x, ws, sizes, impl: str, preferred_element_type=None):
+    """(grouped_matmul(x, w, ...) for w in ws): "tiled" runs every matrix in one pass over x's
+    tiles, forward and backward (the experts' gate and up projections read the same rows);
+    the other implementations make one call per matrix."""
+    if impl != "tiled":
+        return tuple(grouped_matmul(x, w, sizes, impl, preferred_element_type) for w in ws)
+    out = jnp.dtype(preferred_element_type or x.dtype)
+    return _tiled(x, tuple(ws), sizes.astype(jnp.int32), tile_rows(x.shape[0], ws[0].shape[0]), out)
 
 
 def _dense(x, w, sizes, out):
@@ -97,44 +108,54 @@ def _tile_loop(sizes, m: int, t: int, body, init):
     return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, step(c[0], c[1])), (0, init))[1]
 
 
-def _rows_times(x, w, sizes, t, out, contract_w: int):
-    """y [M, out dim] = x's tiles times w[group] contracted on w's axis `contract_w` (1: x @ w[e],
-    2: x @ w[e].T); rows outside the groups stay 0."""
+def _tiles(x, ws, sizes, t, out):
+    """ys [M, F_i] = x's tiles times ws[i][group], one pass over the tiles for every matrix;
+    rows outside the groups stay 0."""
     m = x.shape[0]
-    width = w.shape[3 - contract_w]
 
-    def body(g, r0, mask, y):
-        we = jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False)
+    def body(g, r0, mask, ys):
         xt = jax.lax.dynamic_slice_in_dim(x, r0, t)
-        yt = jax.lax.dot_general(xt, we, (((1,), (contract_w - 1,)), ((), ())), preferred_element_type=out)
-        cur = jax.lax.dynamic_slice_in_dim(y, r0, t)
-        return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(mask[:, None], yt.astype(out), cur), r0, 0)
+        new = []
+        for w, y in zip(ws, ys):
+            yt = jnp.dot(xt, jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False), preferred_element_type=out)
+            cur = jax.lax.dynamic_slice_in_dim(y, r0, t)
+            new.append(jax.lax.dynamic_update_slice_in_dim(y, jnp.where(mask[:, None], yt, cur), r0, 0))
+        return tuple(new)
 
-    return _tile_loop(sizes, m, t, body, jnp.zeros((m, width), out))
+    return _tile_loop(sizes, m, t, body, tuple(jnp.zeros((m, w.shape[2]), out) for w in ws))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tiled(x, w, sizes, t, out):
-    return _rows_times(x, w, sizes, t, out, 1)
+def _tiled(x, ws, sizes, t, out):
+    return _tiles(x, ws, sizes, t, out)
 
 
-def _tiled_fwd(x, w, sizes, t, out):
-    return _rows_times(x, w, sizes, t, out, 1), (x, w, sizes)
+def _tiled_fwd(x, ws, sizes, t, out):
+    return _tiles(x, ws, sizes, t, out), (x, ws, sizes)
 
 
-def _tiled_bwd(t, out, res, dy):
-    x, w, sizes = res
-    dx = _rows_times(dy.astype(x.dtype), w, sizes, t, x.dtype, 2)
+def _tiled_bwd(t, out, res, dys):
+    """One pass over the tiles: dx = sum_i dy_i @ w_i[e].T and dw_i[e] += x.T @ dy_i."""
+    x, ws, sizes = res
 
-    def body(g, r0, mask, dw):
+    def body(g, r0, mask, carry):
+        dx, dws = carry
         xt = jax.lax.dynamic_slice_in_dim(x, r0, t)
-        gt = jnp.where(mask[:, None], jax.lax.dynamic_slice_in_dim(dy, r0, t), 0).astype(x.dtype)
-        upd = jax.lax.dot_general(xt, gt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        cur = jax.lax.dynamic_index_in_dim(dw, g, 0, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(dw, cur + upd, g, 0)
+        acc, new = 0.0, []
+        for w, dy, dw in zip(ws, dys, dws):
+            we = jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False)
+            gt = jnp.where(mask[:, None], jax.lax.dynamic_slice_in_dim(dy, r0, t), 0).astype(x.dtype)
+            acc = acc + jax.lax.dot_general(gt, we, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            upd = jax.lax.dot_general(xt, gt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            cur = jax.lax.dynamic_index_in_dim(dw, g, 0, keepdims=False)
+            new.append(jax.lax.dynamic_update_index_in_dim(dw, cur + upd, g, 0))
+        cur = jax.lax.dynamic_slice_in_dim(dx, r0, t)
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(mask[:, None], acc.astype(x.dtype), cur), r0, 0)
+        return dx, tuple(new)
 
-    dw = _tile_loop(sizes, x.shape[0], t, body, jnp.zeros(w.shape, jnp.float32))
-    return dx, dw.astype(w.dtype), None
+    init = (jnp.zeros(x.shape, x.dtype), tuple(jnp.zeros(w.shape, jnp.float32) for w in ws))
+    dx, dws = _tile_loop(sizes, x.shape[0], t, body, init)
+    return dx, tuple(d.astype(w.dtype) for d, w in zip(dws, ws)), None
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from . import quant
 from .config import ModelConfig
-from .gmm import choose_impl, grouped_matmul
+from .gmm import choose_impl, grouped_matmul, grouped_matmuls
 from .layers import (HashTable, Linear, QuantScales, QuantValues, RoutingBias, constrain, dtype_of,
                      hooks, normal)
 
@@ -202,7 +202,7 @@ class MoE(nnx.Module):
         w1, w3, w2 = (w.astype(dt) for w in self.expert_weights())
         xs = self.expert_input(x_ND[token]).astype(dt)
         impl = choose_impl(cfg.moe_impl)
-        h = swiglu(grouped_matmul(xs, w1, sizes, impl, dt), grouped_matmul(xs, w3, sizes, impl, dt), cfg.swiglu_limit)
+        h = swiglu(*grouped_matmuls(xs, (w1, w3), sizes, impl, dt), cfg.swiglu_limit)
         h = self.expert_input(h * wts_Nk.reshape(-1)[order][:, None]).astype(dt)
         out = grouped_matmul(h, w2, sizes, impl, dt)
         return jnp.zeros((n, x_ND.shape[1]), F32).at[token].add(out)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from model.config import ConfigError
-from model.gmm import choose_impl, grouped_matmul
+from model.gmm import choose_impl, grouped_matmul, grouped_matmuls
 from model.moe import swiglu
 
 from .rules import Rules
@@ -142,8 +142,7 @@ class ExpertParallel:
         order = jnp.argsort(key)
         sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
         xo = xs[order].astype(dt)
-        h = swiglu(grouped_matmul(xo, w1.astype(dt), sizes, impl, dt),
-                   grouped_matmul(xo, w3.astype(dt), sizes, impl, dt), moe.cfg.swiglu_limit)
+        h = swiglu(*grouped_matmuls(xo, (w1.astype(dt), w3.astype(dt)), sizes, impl, dt), moe.cfg.swiglu_limit)
         # every product leaves in `dt` (accumulated in float32 inside; DeepSeek's reference rounds
         # w1(x), w3(x) and w2(h) to the activations' dtype too): no float32 [rows, D] or [rows, F]
         # output, nor its cotangent, is kept for the receive buffer's rows
