@@ -36,13 +36,6 @@ def token_ce(logits, targets):
     return lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0], lse
 
 
-def head_ce(h_BSD, w_DV, targets_BS, chunks: int):
-    """token_ce of the float32 logits h @ w, computed `chunks` vocabulary slices at a time (a
-    running log-sum-exp) and recomputed slice by slice in the backward: the [B, S, V] logits
-    are never kept, and each slice of the weight's gradient is made once, whole."""
-    return _head_ce(h_BSD, w_DV, targets_BS, chunks)
-
-
 def _slices(w_DV, chunks: int):
     """[chunks, D, V / chunks] and each slice's first vocabulary id."""
     d, v = w_DV.shape
@@ -54,7 +47,10 @@ def _slice_logits(h_BSD, w_DC):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _head_ce(h_BSD, w_DV, targets_BS, chunks):
+def head_ce(h_BSD, w_DV, targets_BS, chunks: int):
+    """token_ce of the float32 logits h @ w, computed `chunks` vocabulary slices at a time (a
+    running log-sum-exp) and recomputed slice by slice in the backward: the [B, S, V] logits
+    are never kept, and each slice of the weight's gradient is made once, whole."""
     return _head_ce_fwd(h_BSD, w_DV, targets_BS, chunks)[0]
 
 
@@ -93,7 +89,7 @@ def _head_ce_bwd(chunks, res, cts):
     return d_h.astype(h_BSD.dtype), d_w.astype(w_DV.dtype), None
 
 
-_head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)
+head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
 def mtp_mask(mask_BS, depth: int):
