@@ -254,6 +254,9 @@ def test_aot_compile_for_a_tpu_slice(monkeypatch):
 @pytest.mark.pod
 @pytest.mark.tpu_aot
 @pytest.mark.skipif(not P.libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')")
+@pytest.mark.xfail(strict=True, reason="issue 11, open: the estimate (14.55 GiB) is ~27% below the compiled "
+                   "total at 4 layers: it under-counts the expert-parallel MoE backward's working set and "
+                   "XLA's buffer packing (docs/benchmarks.md, 2026-12-04 later); strict: remove when it passes")
 def test_reduced_depth_pod_compile_agrees_with_the_plan(monkeypatch):
     """configs/v4-flash-pod.yaml at 4 layers (every width, the mesh, batch, Muon, capacity
     factor and chunking as the pod runs them; one scanned (CSA, HCA) pair like the full depth's
@@ -265,9 +268,10 @@ def test_reduced_depth_pod_compile_agrees_with_the_plan(monkeypatch):
     layout = P.StateLayout(cfg, Rules(cfg.rules))
     sizes = cfg.mesh.resolve(topo.devices)
     mem = P.estimate(cfg, layout, P.activations(cfg, layout), sizes)
-    analysis, _, _ = P.compile_step(cfg, layout, topo, cfg.mesh)
+    with jax.default_matmul_precision("default"):  # Mosaic refuses bf16 operands at "highest" (conftest)
+        analysis, _, _ = P.compile_step(cfg, layout, topo, cfg.mesh)
     compiled = P.compiled_total(analysis)
-    assert math.isclose(mem.total, compiled, rel_tol=0.15), (mem, analysis)
+    assert math.isclose(mem.total, compiled, rel_tol=0.15), f"estimate {mem.total / 2**30:.2f} GiB, compiled {compiled / 2**30:.2f} GiB"
     assert max(mem.total, compiled) <= P.FIT_FRACTION * topo.chip.hbm
 
 
