@@ -23,7 +23,7 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile
 
-# the planner against libtpu on a reduced-depth pod config (~10 min, ~11 GB host; needs libtpu)
+# the planner against libtpu on a reduced-depth pod config (~7-10 min, ~15 GB of host memory; needs libtpu)
 test-pod: $(STAMP)
 	$(PY) -m pytest -m pod
 

@@ -261,7 +261,7 @@ def test_reduced_depth_pod_compile_agrees_with_the_plan(monkeypatch):
     """configs/v4-flash-pod.yaml at 4 layers (every width, the mesh, batch, Muon, capacity
     factor and chunking as the pod runs them; one scanned (CSA, HCA) pair like the full depth's
     segment) compiled by libtpu for v5p-1024: the planner's total is within 15% of the compiled
-    total and both say it fits. ~10 min and ~11 GB of host memory: `make test-pod`."""
+    total and both say it fits. ~7-10 min and ~15 GB of host memory: `make test-pod`."""
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
     cfg = load_run_config(POD, ["model.n_layers=4", "model.compress_ratios=[4,128,4,128]", "model.n_hash_layers=1"])
     topo = P.parse_topology("v5p-1024")
