@@ -51,8 +51,11 @@ def test_several_matrices_in_one_pass(impl):
     x, w1, sizes = _problem(300, 16, 24, 8, 13)
     w3 = jax.random.normal(jax.random.key(5), w1.shape, jnp.float32)
 
-    def loss(both):
-        return lambda x, a, b: jnp.sum(jnp.sin(both(x, a, b)[0]) * jnp.cos(both(x, a, b)[1]))
+    def loss(both):  # one call: its backward gets both outputs' cotangents at once
+        def f(x, a, b):
+            y1, y3 = both(x, a, b)
+            return jnp.sum(jnp.sin(y1) * jnp.cos(y3))
+        return f
 
     pair = lambda x, a, b: gmm.grouped_matmuls(x, (a, b), sizes, impl)  # noqa: E731
     dense = lambda x, a, b: [grouped_matmul(x, w, sizes, "dense") for w in (a, b)]  # noqa: E731
