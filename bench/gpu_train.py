@@ -1,6 +1,7 @@
 """Train a ~1B-active DeepSeek-V4 on one accelerator for a few steps: tokens/s and MFU.
 
 Usage: python bench/gpu_train.py [--steps 10] [--warmup 2] [--batch 8] [--seq 4096] [--tiny]
+                                 [--set model.moe_impl=tiled ...]
 
 The model: v4-flash's architecture narrowed to dim 2048, 12 layers (2 window, then CSA / HCA
 alternating), 16 heads of 512, 32 experts (top-6) of 1408 hidden units: 1.25B active of 4.6B
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (a CPU check of this script)")
     ap.add_argument("--peak", type=float, help="bf16 FLOP/s of the device (default: by device kind)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override after this script's own (repeatable), e.g. model.moe_impl=tiled")
     args = ap.parse_args(argv)
 
     import jax
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
     run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
         *(TINY if args.tiny else MODEL), "model.dtype=bfloat16", "model.remat=full",
         "mesh.data=1", "mesh.fsdp=1", "mesh.expert=1", "mesh.tensor=1", f"data.global_batch={args.batch}",
-        f"data.seq_len={args.seq}", f"train.steps={args.warmup + args.steps + 20}", "log.tensorboard=false"])
+        f"data.seq_len={args.seq}", f"train.steps={args.warmup + args.steps + 20}", "log.tensorboard=false",
+        *args.set])
     cfg, device = run_cfg.model, jax.devices()[0]
     counts = param_counts(cfg)
     print(f"device: {device.device_kind} ({device.platform}); model: {counts['total'] / 1e9:.2f}B parameters, "
@@ -79,12 +83,17 @@ def main(argv=None) -> int:
     batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
                             "loss_mask": ones.astype(np.float32)}, NamedSharding(mesh, rules.spec(("batch", None))))
     with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
-        step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None))
+        t = time.perf_counter()
+        step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch).compile()
+        mem = step.memory_analysis()
+        if mem is not None:
+            print(f"compiled in {time.perf_counter() - t:.1f} s: {mem.argument_size_in_bytes / 2**30:.2f} GiB "
+                  f"arguments + {mem.temp_size_in_bytes / 2**30:.2f} GiB temporaries", flush=True)
         t = time.perf_counter()
         for _ in range(args.warmup):
             state, metrics = step(state, batch)
         jax.block_until_ready(state)
-        print(f"compiled and warmed up in {time.perf_counter() - t:.1f} s", flush=True)
+        print(f"warmed up in {time.perf_counter() - t:.1f} s", flush=True)
         t = time.perf_counter()
         for _ in range(args.steps):
             state, metrics = step(state, batch)

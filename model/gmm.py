@@ -16,11 +16,19 @@ Every implementation computes exactly that; they differ in what the backend make
   `grouped_matmuls(x, (w1, w3), ...)` runs several matrices in the same loop.
 - "megablox": the Pallas TPU grouped-matmul kernel (jax.experimental.pallas.ops.tpu.megablox),
   with its transposed kernel for the weight gradient.
-`choose_impl("auto")` picks tiled on CPU, megablox on TPU and ragged on GPU.
+- "tokamax": `tokamax.ragged_dot`, DeepMind's kernel library (the `gpu` extra): Mosaic GPU
+  kernels on Hopper, Triton elsewhere, with their own backward; XLA's ragged_dot elsewhere.
+  XLA:GPU runs `ragged_dot` like XLA:CPU (measured on an H200, jax 0.11.2: 33x the rows' matmul
+  time, and the ~1B-active step of bench/gpu_train.py asks for 134.6 GiB of temporaries), and
+  "tiled" there is a loop of small kernels (32x), so GPUs need a real kernel.
+`choose_impl("auto")` picks tiled on CPU, megablox on TPU and tokamax on GPU (ragged, with a
+warning, where tokamax is not installed).
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +41,18 @@ def choose_impl(impl: str, platform: str | None = None) -> str:
     if impl != "auto":
         return impl
     platform = platform or jax.default_backend()
+    if platform == "gpu":
+        return "tokamax" if _has_tokamax() else "ragged"
     return {"cpu": "tiled", "tpu": "megablox"}.get(platform, "ragged")
+
+
+@functools.cache
+def _has_tokamax() -> bool:
+    if importlib.util.find_spec("tokamax") is None:
+        warnings.warn("model.moe_impl auto: tokamax is not installed (pip install '.[gpu]'), so the MoE "
+                      "runs jax.lax.ragged_dot, which XLA:GPU computes over every expert (slow, large)")
+        return False
+    return True
 
 
 def grouped_matmul(x, w, sizes, impl: str, preferred_element_type=None):
@@ -47,7 +66,34 @@ def grouped_matmul(x, w, sizes, impl: str, preferred_element_type=None):
         return grouped_matmuls(x, (w,), sizes, impl, out)[0]
     if impl == "megablox":
         return _megablox(x, w, sizes.astype(jnp.int32), jnp.dtype(out))
+    if impl == "tokamax":
+        return _tokamax_ragged_dot(x, w, sizes.astype(jnp.int32), out)
     raise ValueError(f"grouped_matmul: no implementation {impl!r}; use one of {IMPLS[1:]}")
+
+
+def _tokamax_ragged_dot(x, w, sizes, out):
+    """tokamax.ragged_dot, or jax.lax.ragged_dot (with a warning) where tokamax's kernels do not
+    build against this jax: tokamax follows jax's internal Pallas APIs release by release
+    (measured: tokamax 0.0.12 under jax 0.11.2 fails in both its Mosaic GPU and Triton kernels
+    with a TypeError / AttributeError while tracing)."""
+    try:
+        return _tokamax().ragged_dot(x, w, sizes, preferred_element_type=out)
+    except (TypeError, AttributeError) as e:
+        warnings.warn(f"model.moe_impl tokamax: its kernel failed to build ({type(e).__name__}: {e}); "
+                      "running jax.lax.ragged_dot instead (on a GPU: every expert for every row)")
+        return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=out)
+
+
+@functools.cache
+def _tokamax():
+    """tokamax, with absl's flags marked parsed: its options otherwise parse sys.argv on first
+    use and fail on any command line of ours (`python -m train --config ...`)."""
+    import tokamax
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
 
 
 def grouped_matmuls(x, ws, sizes, impl: str, preferred_element_type=None):

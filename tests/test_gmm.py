@@ -26,7 +26,7 @@ def _loss(impl):
 
 
 @pytest.mark.parametrize("m,d,f,e,unused", [(300, 16, 24, 8, 13), (1024, 32, 16, 4, 0), (7, 4, 4, 3, 2)])
-@pytest.mark.parametrize("impl", ["ragged", "tiled"])
+@pytest.mark.parametrize("impl", ["ragged", "tiled", "tokamax"])
 def test_matches_dense(m, d, f, e, unused, impl):
     x, w, sizes = _problem(m, d, f, e, unused)
     want = grouped_matmul(x, w, sizes, "dense")
@@ -44,7 +44,7 @@ def test_matches_dense(m, d, f, e, unused, impl):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["tiled", "ragged"])
+@pytest.mark.parametrize("impl", ["tiled", "ragged", "tokamax"])
 def test_several_matrices_in_one_pass(impl):
     """grouped_matmuls(x, (w1, w3)): each output and the gradients of a loss mixing both equal
     the dense oracle's (the tiled backward sums both matrices' dx in one loop)."""
@@ -85,7 +85,23 @@ def test_megablox_kernel_in_interpreter():
 
 
 def test_auto_picks_per_platform():
-    assert [choose_impl("auto", p) for p in ("cpu", "tpu", "gpu")] == ["tiled", "megablox", "ragged"]
+    # tokamax is in the test extra (on a GPU it brings the grouped kernels; `pip install '.[gpu]'`)
+    assert [choose_impl("auto", p) for p in ("cpu", "tpu", "gpu")] == ["tiled", "megablox", "tokamax"]
     assert choose_impl("ragged", "tpu") == "ragged"
     with pytest.raises(ValueError, match="no implementation 'x'"):
         grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), jnp.array([2]), "x")
+
+
+def test_tokamax_kernel_that_does_not_build_falls_back_to_ragged_dot(monkeypatch):
+    """A tokamax built for another jax fails while tracing (measured on a GPU: TypeError in its
+    Mosaic kernel); the MoE warns and still computes the exact product."""
+    class Broken:
+        @staticmethod
+        def ragged_dot(*args, **kwargs):
+            raise TypeError("Mesh.__init__() got an unexpected keyword argument 'out_shape'")
+
+    monkeypatch.setattr(gmm, "_tokamax", lambda: Broken)
+    x, w, sizes = _problem(300, 16, 24, 8, 13)
+    with pytest.warns(UserWarning, match="running jax.lax.ragged_dot instead"):
+        got = grouped_matmul(x, w, sizes, "tokamax")
+    np.testing.assert_allclose(got, grouped_matmul(x, w, sizes, "dense"), rtol=1e-5, atol=1e-5)
