@@ -1,12 +1,12 @@
 """Train a ~1B-active DeepSeek-V4 on one accelerator for a few steps: tokens/s and MFU.
 
 Usage: python bench/gpu_train.py [--steps 10] [--warmup 2] [--batch 8] [--seq 4096] [--tiny]
-                                 [--set model.moe_impl=tiled ...]
+                                 [--set model.moe_impl=batched ...]
 
 The model: v4-flash's architecture narrowed to dim 2048, 12 layers (2 window, then CSA / HCA
 alternating), 16 heads of 512, 32 experts (top-6) of 1408 hidden units: 1.25B active of 4.6B
 parameters. bfloat16 compute, float32 parameters, Muon, remat full, the real train step of
-`python -m train` (model.moe_impl auto: ragged_dot on GPU, megablox on TPU). MFU counts
+`python -m train` (model.moe_impl auto: tokamax or batched on GPU, megablox on TPU). MFU counts
 model.flops_per_token x the remat factor against the chip's dense bf16 peak (plan/chips.yaml's
 catalogue, by device kind; --peak overrides). --tiny runs a small shape anywhere (how the test
 suite checks this script on CPU).
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (a CPU check of this script)")
     ap.add_argument("--peak", type=float, help="bf16 FLOP/s of the device (default: by device kind)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override after this script's own (repeatable), e.g. model.moe_impl=tiled")
+                    help="a config override after this script's own (repeatable), e.g. model.moe_impl=batched")
     args = ap.parse_args(argv)
 
     import jax

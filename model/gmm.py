@@ -16,13 +16,19 @@ Every implementation computes exactly that; they differ in what the backend make
   `grouped_matmuls(x, (w1, w3), ...)` runs several matrices in the same loop.
 - "megablox": the Pallas TPU grouped-matmul kernel (jax.experimental.pallas.ops.tpu.megablox),
   with its transposed kernel for the weight gradient.
+- "batched": passes of per-expert blocks: each pass gathers rows p*C .. (p+1)*C - 1 of every
+  group into [E, C, D], one batched matmul [E, C, D] x [E, D, F], the valid rows scattered
+  back; passes run while a group has rows left (C = 1.25x the balanced load: one pass when
+  routing is near balance, ceil(largest / C) in general), with its own backward over the same
+  passes. Exact for any routing; costs E*C rows per pass in a few large matmuls, which suits
+  backends with fast batched GEMMs and slow small kernels (GPUs); on XLA:CPU it is 1-2x tiled.
 - "tokamax": `tokamax.ragged_dot`, DeepMind's kernel library (the `gpu` extra): Mosaic GPU
   kernels on Hopper, Triton elsewhere, with their own backward; XLA's ragged_dot elsewhere.
   XLA:GPU runs `ragged_dot` like XLA:CPU (measured on an H200, jax 0.11.2: 33x the rows' matmul
   time, and the ~1B-active step of bench/gpu_train.py asks for 134.6 GiB of temporaries), and
   "tiled" there is a loop of small kernels (32x), so GPUs need a real kernel.
-`choose_impl("auto")` picks tiled on CPU, megablox on TPU and tokamax on GPU (ragged, with a
-warning, where tokamax is not installed).
+`choose_impl("auto")` picks tiled on CPU, megablox on TPU and tokamax on GPU ("batched", with a
+warning, where tokamax is not installed or its kernels do not build).
 """
 from __future__ import annotations
 
@@ -42,15 +48,15 @@ def choose_impl(impl: str, platform: str | None = None) -> str:
         return impl
     platform = platform or jax.default_backend()
     if platform == "gpu":
-        return "tokamax" if _has_tokamax() else "ragged"
+        return "tokamax" if _has_tokamax() else "batched"
     return {"cpu": "tiled", "tpu": "megablox"}.get(platform, "ragged")
 
 
 @functools.cache
 def _has_tokamax() -> bool:
     if importlib.util.find_spec("tokamax") is None:
-        warnings.warn("model.moe_impl auto: tokamax is not installed (pip install '.[gpu]'), so the MoE "
-                      "runs jax.lax.ragged_dot, which XLA:GPU computes over every expert (slow, large)")
+        warnings.warn("model.moe_impl auto: tokamax is not installed (pip install '.[gpu]'); the MoE runs "
+                      "'batched' (per-expert blocks in batched matmuls) instead of its grouped kernels")
         return False
     return True
 
@@ -62,7 +68,7 @@ def grouped_matmul(x, w, sizes, impl: str, preferred_element_type=None):
         return _dense(x, w, sizes, out)
     if impl == "ragged":
         return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=out)
-    if impl == "tiled":
+    if impl in ("tiled", "batched"):
         return grouped_matmuls(x, (w,), sizes, impl, out)[0]
     if impl == "megablox":
         return _megablox(x, w, sizes.astype(jnp.int32), jnp.dtype(out))
@@ -72,16 +78,16 @@ def grouped_matmul(x, w, sizes, impl: str, preferred_element_type=None):
 
 
 def _tokamax_ragged_dot(x, w, sizes, out):
-    """tokamax.ragged_dot, or jax.lax.ragged_dot (with a warning) where tokamax's kernels do not
-    build against this jax: tokamax follows jax's internal Pallas APIs release by release
-    (measured: tokamax 0.0.12 under jax 0.11.2 fails in both its Mosaic GPU and Triton kernels
-    with a TypeError / AttributeError while tracing)."""
+    """tokamax.ragged_dot, or "batched" (with a warning) where tokamax's kernels do not build
+    against this jax: tokamax follows jax's internal Pallas APIs release by release (measured:
+    tokamax 0.0.12 under jax 0.11.2 fails in both its Mosaic GPU and Triton kernels with a
+    TypeError / AttributeError while tracing)."""
     try:
         return _tokamax().ragged_dot(x, w, sizes, preferred_element_type=out)
     except (TypeError, AttributeError) as e:
         warnings.warn(f"model.moe_impl tokamax: its kernel failed to build ({type(e).__name__}: {e}); "
-                      "running jax.lax.ragged_dot instead (on a GPU: every expert for every row)")
-        return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=out)
+                      "running 'batched' instead")
+        return grouped_matmul(x, w, sizes, "batched", out)
 
 
 @functools.cache
@@ -100,10 +106,13 @@ def grouped_matmuls(x, ws, sizes, impl: str, preferred_element_type=None):
     """(grouped_matmul(x, w, ...) for w in ws): "tiled" runs every matrix in one pass over x's
     tiles, forward and backward (the experts' gate and up projections read the same rows);
     the other implementations make one call per matrix."""
-    if impl != "tiled":
-        return tuple(grouped_matmul(x, w, sizes, impl, preferred_element_type) for w in ws)
     out = jnp.dtype(preferred_element_type or x.dtype)
-    return _tiled(x, tuple(ws), sizes.astype(jnp.int32), tile_rows(x.shape[0], ws[0].shape[0]), out)
+    m, e = x.shape[0], ws[0].shape[0]
+    if impl == "tiled":
+        return _tiled(x, tuple(ws), sizes.astype(jnp.int32), tile_rows(m, e), out)
+    if impl == "batched":
+        return _batched(x, tuple(ws), sizes.astype(jnp.int32), block_rows(m, e), out)
+    return tuple(grouped_matmul(x, w, sizes, impl, preferred_element_type) for w in ws)
 
 
 def _dense(x, w, sizes, out):
@@ -205,6 +214,75 @@ def _tiled_bwd(t, out, res, dys):
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+# --- batched: per-expert blocks of C rows, one batched matmul per pass -----------------------
+def block_rows(m: int, e: int) -> int:
+    """Rows per expert and pass: 1.25x the balanced load, a multiple of 8 (<= M). One pass
+    covers every group of up to C rows; a larger group takes ceil(size / C) passes."""
+    return max(1, min(m, -(-int(1.25 * m / max(e, 1)) // 8) * 8))
+
+
+def _block_loop(sizes, m: int, c: int, body, init):
+    """Run body(rows [E, C], valid [E, C], carry) -> carry for each pass p: rows[e, j] =
+    group e's row p*C + j (clamped into [0, M) where invalid), while some group has rows left."""
+    starts = jnp.cumsum(sizes) - sizes
+    lanes = jnp.arange(c)
+
+    def step(carry):
+        p, inner = carry
+        within = p * c + lanes[None, :]
+        valid = within < sizes[:, None]
+        rows = jnp.where(valid, starts[:, None] + within, 0)
+        return p + 1, body(rows, valid, inner)
+
+    return jax.lax.while_loop(lambda cr: cr[0] * c < jnp.max(sizes), step, (0, init))[1]
+
+
+def _blocks(x, ws, sizes, c, out):
+    """ys [M, F_i]: each pass gathers [E, C, D] rows, multiplies them by ws[i] [E, D, F] in one
+    batched matmul and scatters the valid rows back; rows outside the groups stay 0."""
+    m = x.shape[0]
+
+    def body(rows, valid, ys):
+        xb = jnp.where(valid[..., None], x[rows], 0)
+        dest = jnp.where(valid, rows, m)  # out of range: dropped
+        return tuple(y.at[dest].set(jnp.einsum("ecd,edf->ecf", xb, w, preferred_element_type=out), mode="drop")
+                     for w, y in zip(ws, ys))
+
+    return _block_loop(sizes, m, c, body, tuple(jnp.zeros((m, w.shape[2]), out) for w in ws))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batched(x, ws, sizes, c, out):
+    return _blocks(x, ws, sizes, c, out)
+
+
+def _batched_fwd(x, ws, sizes, c, out):
+    return _blocks(x, ws, sizes, c, out), (x, ws, sizes)
+
+
+def _batched_bwd(c, out, res, dys):
+    """The same passes: dx = sum_i dy_i @ w_i[e].T and dw_i += x_blocks.T @ dy_blocks."""
+    x, ws, sizes = res
+    m = x.shape[0]
+
+    def body(rows, valid, carry):
+        dx, dws = carry
+        xb = jnp.where(valid[..., None], x[rows], 0)
+        acc, new = 0.0, []
+        for w, dy, dw in zip(ws, dys, dws):
+            gb = jnp.where(valid[..., None], dy[rows], 0).astype(x.dtype)
+            acc = acc + jnp.einsum("ecf,edf->ecd", gb, w, preferred_element_type=jnp.float32)
+            new.append(dw + jnp.einsum("ecd,ecf->edf", xb, gb, preferred_element_type=jnp.float32))
+        return dx.at[jnp.where(valid, rows, m)].set(acc.astype(x.dtype), mode="drop"), tuple(new)
+
+    init = (jnp.zeros(x.shape, x.dtype), tuple(jnp.zeros(w.shape, jnp.float32) for w in ws))
+    dx, dws = _block_loop(sizes, m, c, body, init)
+    return dx, tuple(d.astype(w.dtype) for d, w in zip(dws, ws)), None
+
+
+_batched.defvjp(_batched_fwd, _batched_bwd)
 
 
 # --- megablox: the Pallas TPU kernel --------------------------------------------------------

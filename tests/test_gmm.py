@@ -26,7 +26,7 @@ def _loss(impl):
 
 
 @pytest.mark.parametrize("m,d,f,e,unused", [(300, 16, 24, 8, 13), (1024, 32, 16, 4, 0), (7, 4, 4, 3, 2)])
-@pytest.mark.parametrize("impl", ["ragged", "tiled", "tokamax"])
+@pytest.mark.parametrize("impl", ["ragged", "tiled", "batched", "tokamax"])
 def test_matches_dense(m, d, f, e, unused, impl):
     x, w, sizes = _problem(m, d, f, e, unused)
     want = grouped_matmul(x, w, sizes, "dense")
@@ -44,7 +44,7 @@ def test_matches_dense(m, d, f, e, unused, impl):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["tiled", "ragged", "tokamax"])
+@pytest.mark.parametrize("impl", ["tiled", "batched", "ragged", "tokamax"])
 def test_several_matrices_in_one_pass(impl):
     """grouped_matmuls(x, (w1, w3)): each output and the gradients of a loss mixing both equal
     the dense oracle's (the tiled backward sums both matrices' dx in one loop)."""
@@ -66,14 +66,28 @@ def test_several_matrices_in_one_pass(impl):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_tiled_low_precision_inputs_accumulate_in_float32():
+@pytest.mark.parametrize("impl", ["tiled", "batched"])
+def test_low_precision_inputs_accumulate_in_float32(impl):
     x, w, sizes = _problem(200, 32, 16, 5, 3)
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    got = grouped_matmul(xb, wb, sizes, "tiled", jnp.float32)
+    got = grouped_matmul(xb, wb, sizes, impl, jnp.float32)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, grouped_matmul(xb, wb, sizes, "dense", jnp.float32), rtol=1e-5, atol=1e-4)
-    dx, dw = jax.grad(lambda a, b: jnp.sum(grouped_matmul(a, b, sizes, "tiled", jnp.float32) ** 2), (0, 1))(xb, wb)
+    dx, dw = jax.grad(lambda a, b: jnp.sum(grouped_matmul(a, b, sizes, impl, jnp.float32) ** 2), (0, 1))(xb, wb)
     assert dx.dtype == dw.dtype == jnp.bfloat16
+
+
+def test_batched_passes_cover_a_group_of_every_row():
+    """"batched" runs ceil(largest group / C) passes of [E, C] blocks: every row routed to one
+    expert (here 7 passes of C = 40 rows) is still exact, values and gradients."""
+    x, w, _ = _problem(256, 16, 8, 8, 0)
+    sizes = jnp.array([0, 0, 0, 250, 0, 0, 0, 0], jnp.int32)  # and 6 rows past the groups
+    assert gmm.block_rows(256, 8) == 40
+    got = jax.jit(lambda *a: grouped_matmul(*a, "batched"))(x, w, sizes)
+    np.testing.assert_allclose(got, grouped_matmul(x, w, sizes, "dense"), rtol=1e-5, atol=1e-5)
+    g_want = jax.grad(_loss("dense"), argnums=(0, 1))(x, w, sizes)
+    for a, b in zip(jax.jit(jax.grad(_loss("batched"), argnums=(0, 1)))(x, w, sizes), g_want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_megablox_kernel_in_interpreter():
@@ -84,17 +98,20 @@ def test_megablox_kernel_in_interpreter():
     np.testing.assert_allclose(got, grouped_matmul(x, w, sizes, "dense"), rtol=1e-5, atol=1e-4)
 
 
-def test_auto_picks_per_platform():
+def test_auto_picks_per_platform(monkeypatch):
     # tokamax is in the test extra (on a GPU it brings the grouped kernels; `pip install '.[gpu]'`)
     assert [choose_impl("auto", p) for p in ("cpu", "tpu", "gpu")] == ["tiled", "megablox", "tokamax"]
+    with monkeypatch.context() as mp:  # a GPU host without tokamax
+        mp.setattr(gmm, "_has_tokamax", lambda: False)
+        assert choose_impl("auto", "gpu") == "batched"
     assert choose_impl("ragged", "tpu") == "ragged"
     with pytest.raises(ValueError, match="no implementation 'x'"):
         grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), jnp.array([2]), "x")
 
 
-def test_tokamax_kernel_that_does_not_build_falls_back_to_ragged_dot(monkeypatch):
+def test_tokamax_kernel_that_does_not_build_falls_back_to_batched(monkeypatch):
     """A tokamax built for another jax fails while tracing (measured on a GPU: TypeError in its
-    Mosaic kernel); the MoE warns and still computes the exact product."""
+    Mosaic kernel); the MoE warns and computes the exact product with "batched"."""
     class Broken:
         @staticmethod
         def ragged_dot(*args, **kwargs):
@@ -102,6 +119,6 @@ def test_tokamax_kernel_that_does_not_build_falls_back_to_ragged_dot(monkeypatch
 
     monkeypatch.setattr(gmm, "_tokamax", lambda: Broken)
     x, w, sizes = _problem(300, 16, 24, 8, 13)
-    with pytest.warns(UserWarning, match="running jax.lax.ragged_dot instead"):
+    with pytest.warns(UserWarning, match="running 'batched' instead"):
         got = grouped_matmul(x, w, sizes, "tokamax")
     np.testing.assert_allclose(got, grouped_matmul(x, w, sizes, "dense"), rtol=1e-5, atol=1e-5)

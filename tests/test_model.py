@@ -76,9 +76,10 @@ def test_balance_terms_by_hand():
     np.testing.assert_array_equal(st["counts"], hits.sum(0))
 
 
-def test_ragged_equals_dense_with_repeated_experts():
+@pytest.mark.parametrize("impl", ["auto", "batched"])  # auto: tiled on CPU
+def test_ragged_equals_dense_with_repeated_experts(impl):
     cfg = preset("tiny", dtype="float32")
-    ragged = MoE(cfg, hashed=True, rngs=nnx.Rngs(5))
+    ragged = MoE(cfg.replace(moe_impl=impl), hashed=True, rngs=nnx.Rngs(5))
     table = np.asarray(ragged.tid2eid[...]).copy()
     table[:, 1] = table[:, 0]  # every token picks its first expert twice
     ragged.tid2eid.set_value(jnp.asarray(table))
