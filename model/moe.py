@@ -54,28 +54,31 @@ def score(logits, func: str):
 
 def swiglu(h_gate, h_up, limit: float):
     """silu(min(gate, limit)) * clip(up, -limit, limit) in float32 (limit 0: no clamp)."""
-    return _swiglu(h_gate.astype(F32), h_up.astype(F32), float(limit))
+    return _swiglu(h_gate, h_up, float(limit))
 
 
-# Its own backward keeps the two inputs only and writes both gradients in one pass: through
-# autodiff XLA:CPU ran the clamp, the sigmoid and the product as separate passes over the
-# [rows, F] hidden units (jax.nn.silu's residuals). Clamped entries get gradient 0 (the
+# Its own backward keeps the two inputs only, in their own dtype (bfloat16 products: half the
+# bytes of their float32 upcasts, which it recomputes), and writes both gradients in one pass:
+# through autodiff XLA:CPU ran the clamp, the sigmoid and the product as separate passes over
+# the [rows, F] hidden units (jax.nn.silu's residuals). Clamped entries get gradient 0 (the
 # boundary itself passes, as torch.clamp).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _swiglu(g, u, limit: float):
+    g, u = g.astype(F32), u.astype(F32)
     if limit > 0:
         g, u = jnp.minimum(g, limit), jnp.clip(u, -limit, limit)
     return g * jax.nn.sigmoid(g) * u
 
 
 def _swiglu_bwd(limit, res, d):
-    g, u = res
+    g_in, u_in = res
+    g, u = g_in.astype(F32), u_in.astype(F32)
     gc, uc = (jnp.minimum(g, limit), jnp.clip(u, -limit, limit)) if limit > 0 else (g, u)
     s = jax.nn.sigmoid(gc)
     d_g, d_u = d * uc * s * (1 + gc * (1 - s)), d * gc * s
     if limit > 0:
         d_g, d_u = jnp.where(g <= limit, d_g, 0.0), jnp.where(jnp.abs(u) <= limit, d_u, 0.0)
-    return d_g, d_u
+    return d_g.astype(g_in.dtype), d_u.astype(u_in.dtype)
 
 
 _swiglu.defvjp(lambda g, u, limit: (_swiglu(g, u, limit), (g, u)), _swiglu_bwd)
@@ -200,7 +203,7 @@ class MoE(nnx.Module):
         sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
         dt = dtype_of(cfg.dtype)
         w1, w3, w2 = (w.astype(dt) for w in self.expert_weights())
-        xs = self.expert_input(x_ND[token]).astype(dt)
+        xs = self.expert_input(x_ND).astype(dt)[token]  # per-row rounding: gather after the cast
         impl = choose_impl(cfg.moe_impl)
         h = swiglu(*grouped_matmuls(xs, (w1, w3), sizes, impl, dt), cfg.swiglu_limit)
         h = self.expert_input(h * wts_Nk.reshape(-1)[order][:, None]).astype(dt)

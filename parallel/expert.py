@@ -120,8 +120,10 @@ class ExpertParallel:
         impl = choose_impl(cfg.moe_impl, self.platform)
         experts = lambda xs, e, valid: self._local_experts(moe, impl, xs, e, valid, w1, w3, w2, dt)  # noqa: E731
         send = self._local if self.ep == 1 else self._capacity if self.transport == "capacity" else self._ragged
-        # rows are quantised independently: quantising before the transport is the same rounding
-        y, dropped = send(moe.expert_input(xf), idx.reshape(-1), wts.reshape(-1), w1.shape[0], experts)
+        # rows are quantised independently: quantising before the transport is the same rounding;
+        # and the experts read them in `dt`: cast before the transport, the same values travel in
+        # half the bytes (and the results come back in `dt`, which they already are)
+        y, dropped = send(moe.expert_input(xf).astype(dt), idx.reshape(-1), wts.reshape(-1), w1.shape[0], experts)
         xs = moe.shared_w1.quant_input(xf).astype(dt)
         h = swiglu(jnp.einsum("nd,df->nf", xs, sw1.astype(dt)), jnp.einsum("nd,df->nf", xs, sw3.astype(dt)),
                    cfg.swiglu_limit)  # products in `dt`, as MoE.shared's Linear layers
@@ -154,8 +156,10 @@ class ExpertParallel:
         travels back: the combine adds them in float32)."""
         h, order, _, down = experts(xs, e, valid)
         hw = h * jnp.where(valid, w, 0.0)[order][:, None]
-        out = down(hw)
-        out = jnp.where(valid[order][:, None], out, 0.0).astype(xs.dtype)
+        # invalid rows sort past the groups, where every grouped matmul gives 0 (model/gmm.py):
+        # no [rows, D] mask (a select and its mask would be kept for the backward, ~1 GB a layer
+        # on the pods)
+        out = down(hw).astype(xs.dtype)
         return out[jnp.argsort(order)]  # unsort: a gather by the inverse permutation
 
     def _local(self, xf, e_flat, w_flat, n_local, experts):

@@ -13,10 +13,13 @@
 - The gradients of the embedding and the head, full-size on every device before their
   reduce-scatter (a device's tokens touch every row), twice (the partial and the collective's
   buffer); the head's one vocabulary slice at a time (model.head_chunks): StateLayout.vocab_partials.
-- The expert-parallel exchange of the layer being recomputed and differentiated, which the
-  one-device trace above does not have (its routed rows never leave the device): the tokens'
-  send and receive buffers and the results' send and receive buffers, in the compute dtype,
-  in the forward and again as cotangents in the backward: `exchange_bytes`.
+- The expert-parallel MoE layer being recomputed and differentiated, which the one-device trace
+  above does not have (its routed rows never leave the device and its experts work on the
+  routed pairs, not on a receive buffer of capacity_factor x as many rows): `exchange_bytes`.
+  Its local experts' residuals at the receive buffer's rows, read off `jax.vjp` of
+  `ExpertParallel._run_local` traced abstractly, twice (the recomputed values and, as large,
+  their cotangents); the tokens' and the results' send buffers, forward and backward; one
+  stack of local expert weights gathered over fsdp in the parameter dtype.
 """
 from __future__ import annotations
 
@@ -215,7 +218,7 @@ class Memory:
     working: float    # one block recomputed during the backward (remat), weight casts
     seqs: float       # sequences per device per micro-batch
     partials: float   # full-size embedding / head gradients before their reduce-scatter
-    exchange: float   # expert-parallel send / receive buffers of one layer, forward and backward
+    exchange: float   # the expert-parallel MoE layer's backward: buffers, residuals, cotangents
 
     @property
     def arguments(self) -> float:
@@ -242,7 +245,7 @@ class Memory:
                 (f"activations kept (remat {m.remat}, {self.seqs:g} seq x {run_cfg.data.seq_len})", self.saved),
                 ("recompute working set + weight casts", self.working),
                 ("embedding / head grads before reduce-scatter", self.partials),
-                ("expert exchange buffers (one layer, fwd + bwd)", self.exchange)]
+                ("expert-parallel MoE layer (exchange, backward)", self.exchange)]
 
 
 def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory:
@@ -259,16 +262,17 @@ def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory
     return Memory(state["params"], state["rest"], grads, state["opt"], batch, act.per_seq * seqs,
                   act.block * seqs + act.fixed * param_share, seqs,
                   layout.vocab_partials(mesh, run_cfg.model.head_chunks),
-                  exchange_bytes(run_cfg, sizes["expert"], seqs))
+                  exchange_bytes(run_cfg, sizes["expert"], seqs, sizes["tensor"]))
 
 
-def exchange_bytes(run_cfg, ep: int, seqs: float) -> int:
-    """Bytes of one MoE layer's expert-parallel exchange on a device holding `seqs` sequences:
-    the routed (token, slot) pairs sent and the receive buffer's rows (capacity_factor x the
-    balanced load, or every sender's pairs when dropless: parallel.expert.ragged_capacity), for
-    the tokens going out and the results coming back, each [rows, dim] in the compute dtype;
-    counted twice: the recomputed forward's buffers and their cotangents in the backward.
-    0 without an expert axis."""
+def exchange_bytes(run_cfg, ep: int, seqs: float, tp: int = 1) -> int:
+    """Bytes of one MoE layer's expert-parallel backward on a device holding `seqs` sequences
+    (see the module's docstring): the local experts' residuals at the receive buffer's rows
+    (capacity_factor x the balanced load, or every sender's pairs when dropless:
+    parallel.expert.ragged_capacity) x 2, values and cotangents; the routed (token, slot)
+    pairs' send buffers [pairs, dim] in the compute dtype, tokens out and results back,
+    forward and backward; one gathered stack of local expert weights (expert hidden units
+    split over `tp`). 0 without an expert axis."""
     from model.layers import dtype_of
     from parallel.expert import ragged_capacity
 
@@ -277,4 +281,43 @@ def exchange_bytes(run_cfg, ep: int, seqs: float) -> int:
     m = run_cfg.model
     pairs = math.ceil(seqs * run_cfg.data.seq_len * m.n_activated_experts)
     rows = ragged_capacity(pairs, ep, run_cfg.train.capacity_factor)
-    return 2 * 2 * (pairs + rows) * m.dim * dtype_of(m.dtype).itemsize
+    local, hidden = m.n_routed_experts // ep, m.moe_inter_dim // tp
+    send = 2 * 2 * pairs * m.dim * dtype_of(m.dtype).itemsize
+    gathered = local * m.dim * hidden * dtype_of(m.param_dtype).itemsize
+    return 2 * local_expert_residuals(m, local, hidden, rows) + send + gathered
+
+
+def local_expert_residuals(cfg, local: int, hidden: int, rows: int) -> int:
+    """Bytes jax.vjp keeps for the backward of `local` experts of `hidden` units on a receive
+    buffer of `rows` rows (parallel.expert.ExpertParallel._run_local: sort, grouped products,
+    SwiGLU, gate, unsort), excluding the received rows and the weights themselves. Traced
+    abstractly with the tiled grouped matmul, whose residuals are its inputs, like the TPU
+    kernel's."""
+    key = (cfg, local, hidden, rows)
+    if key not in _TRACED:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from model.layers import dtype_of
+        from model.moe import MoE
+        from parallel.expert import ExpertParallel
+
+        moe = nnx.eval_shape(lambda: MoE(cfg, hashed=False, rngs=nnx.Rngs(0)))
+        dt, pt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+
+        def kept(xs, w1, w3, w2, e, w):
+            def run(xs, w1, w3, w2):
+                experts = lambda x, ee, valid: ExpertParallel._local_experts(  # noqa: E731
+                    moe, "tiled", x, ee, valid, w1, w3, w2, dt)
+                return ExpertParallel._run_local(None, experts, xs, e, w, jnp.ones(e.shape, bool))
+            _, f_vjp = jax.vjp(run, xs, w1, w3, w2)
+            given = {id(x) for x in (xs, w1, w3, w2, e, w)}
+            return [r for r in jax.tree.leaves(f_vjp) if id(r) not in given]
+
+        S = jax.ShapeDtypeStruct
+        out = jax.eval_shape(kept, S((rows, cfg.dim), dt), S((local, cfg.dim, hidden), pt),
+                             S((local, cfg.dim, hidden), pt), S((local, hidden, cfg.dim), pt),
+                             S((rows,), jnp.int32), S((rows,), jnp.float32))
+        _TRACED[key] = sum(x.size * x.dtype.itemsize for x in out)
+    return _TRACED[key]

@@ -386,3 +386,23 @@ def test_hooks_are_scoped_to_the_context_and_the_thread():
     assert nested is not inside.experts
     assert seen["other"].experts is None and seen["other"].constrain is None
     assert hooks().experts is None and hooks().constrain is None
+
+
+def test_expert_rows_travel_in_the_compute_dtype():
+    """A float32 residual stream into bfloat16 experts: the rows sent to the experts' devices and
+    the results sent back are bfloat16 (the experts read them in bfloat16 anyway: half the bytes
+    on the wire and in the receive buffers), and the output equals the one-device layer's."""
+    cfg = preset("tiny", dtype="bfloat16")
+    moe = MoE(cfg, hashed=False, rngs=nnx.Rngs(4))
+    x = jax.random.normal(jax.random.key(2), (BATCH, 16, cfg.dim), jnp.float32)
+    ids = jnp.zeros((BATCH, 16), jnp.int32)
+    graphdef, state = nnx.split(moe)
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, ids)[0])
+    mesh = make_mesh(MeshConfig(data=2, expert=4), cfg, global_batch=BATCH)
+    with sharded(mesh, Rules(), "capacity", None):
+        jaxpr = jax.make_jaxpr(forward)(state, x)
+    sent = [e.invars[0].aval for e in _equations(jaxpr.jaxpr) if e.primitive.name == "all_to_all"]
+    rows = [a for a in sent if a.ndim == 2 and a.shape[1] == cfg.dim]
+    assert len(rows) == 2 and all(a.dtype == jnp.bfloat16 for a in rows), sent  # tokens out, results back
+    got, _ = run_ep(moe, x, ids, mesh, Rules(), None)
+    np.testing.assert_allclose(got, forward(state, x), rtol=1e-6, atol=1e-6)

@@ -127,17 +127,32 @@ def test_vocab_partials(pod):
 
 
 def test_exchange_bytes(pod):
-    """The expert exchange of one layer, by hand: v4-flash-pod holds 4096 tokens per device,
-    6 pairs each, sent as bfloat16 rows of 4096 into a receive buffer of 2 x the pairs
-    (capacity factor 2), tokens out and results back, forward and backward; dropless receives
-    every sender's pairs; no expert axis, no exchange. The estimate's total includes it."""
+    """The expert-parallel MoE layer's backward, by hand: v4-flash-pod holds 4096 tokens per
+    device, 6 pairs each, into a receive buffer of 2 x the pairs (capacity factor 2), with 16
+    local experts of 4096 x 2048. What the backward keeps of the local experts (jax.vjp,
+    traced): the sorted rows [R, 4096] and the gate, up and gated hidden products [R, 2048] in
+    bfloat16 (SwiGLU keeps its inputs, not their float32 upcasts), the three weight stacks cast
+    to bfloat16, the permutation, its inverse and the gates [R, 1], the group sizes; nothing
+    [R, 4096] in float32 or as a mask. Twice (values and cotangents), plus the pairs' send
+    buffers (tokens out, results back, forward and backward) and one gathered float32 weight
+    stack. Dropless receives every sender's pairs; no expert axis, none of it."""
     import dataclasses
 
+    from plan.memory import local_expert_residuals
+
     cfg, layout = pod
-    pairs = 4096 * 6
-    assert P.exchange_bytes(cfg, 16, 1.0) == 2 * 2 * (pairs + 2 * pairs) * 4096 * 2
+    pairs, local, d, f = 4096 * 6, 16, 4096, 2048
+
+    def kept(rows):
+        return rows * d * 2 + 3 * rows * f * 2 + 3 * local * d * f * 2 + 3 * rows * 4 + local * 4
+
+    def by_hand(rows):
+        return 2 * kept(rows) + 2 * 2 * pairs * d * 2 + local * d * f * 4
+
+    assert local_expert_residuals(cfg.model, local, f, 2 * pairs) == kept(2 * pairs)
+    assert P.exchange_bytes(cfg, 16, 1.0) == by_hand(2 * pairs)
     dropless = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, capacity_factor=None))
-    assert P.exchange_bytes(dropless, 16, 1.0) == 2 * 2 * (pairs + 16 * pairs) * 4096 * 2
+    assert P.exchange_bytes(dropless, 16, 1.0) == by_hand(16 * pairs)
     assert P.exchange_bytes(cfg, 1, 1.0) == 0
     mem = P.estimate(cfg, layout, P.Activations(0, 0, 0), {"data": 1, "fsdp": 32, "expert": 16, "tensor": 1})
     assert mem.exchange == P.exchange_bytes(cfg, 16, 1.0)
