@@ -298,7 +298,19 @@ def _megablox(x, w, sizes, out, interpret: bool = False):
     xp = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
     tiling = (tm, _tile(d), _tile(f))
     y = gmm(xp, w, sizes, out, tiling, None, None, False, interpret)[:m]
-    return jnp.where((jnp.arange(m) < jnp.sum(sizes))[:, None], y, 0).astype(out)
+    return _zero_past(y, jnp.sum(sizes)).astype(out)
+
+
+@jax.custom_vjp
+def _zero_past(y, n):
+    """y with its rows from n on set to 0 (the kernel leaves them unwritten). Its backward
+    passes the cotangent through whole: the kernel's weight gradient (tgmm) reads the groups'
+    rows only, and its input gradient past the groups is unwritten either way; a masked
+    cotangent was a [rows, F] select kept live in the pods' MoE backward."""
+    return jnp.where((jnp.arange(y.shape[0]) < n)[:, None], y, 0)
+
+
+_zero_past.defvjp(lambda y, n: (_zero_past(y, n), None), lambda _, dy: (dy, None))
 
 
 def _tile(n: int) -> int:
