@@ -180,13 +180,12 @@ def _tiles(x, ws, sizes, t, out):
     return _tile_loop(sizes, m, t, body, tuple(jnp.zeros((m, w.shape[2]), out) for w in ws))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tiled(x, ws, sizes, t, out):
-    return _tiles(x, ws, sizes, t, out)
-
-
-def _tiled_fwd(x, ws, sizes, t, out):
-    return _tiles(x, ws, sizes, t, out), (x, ws, sizes)
+def _keeping_inputs(forward, backward):
+    """forward(x, ws, sizes, block, out) with its own backward(block, out, (x, ws, sizes), dys):
+    the residuals are the inputs alone (the tiles / blocks are re-read in the backward)."""
+    f = jax.custom_vjp(forward, nondiff_argnums=(3, 4))
+    f.defvjp(lambda x, ws, sizes, b, out: (forward(x, ws, sizes, b, out), (x, ws, sizes)), backward)
+    return f
 
 
 def _tiled_bwd(t, out, res, dys):
@@ -213,7 +212,7 @@ def _tiled_bwd(t, out, res, dys):
     return dx, tuple(d.astype(w.dtype) for d, w in zip(dws, ws)), None
 
 
-_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+_tiled = _keeping_inputs(_tiles, _tiled_bwd)
 
 
 # --- batched: per-expert blocks of C rows, one batched matmul per pass -----------------------
@@ -253,15 +252,6 @@ def _blocks(x, ws, sizes, c, out):
     return _block_loop(sizes, m, c, body, tuple(jnp.zeros((m, w.shape[2]), out) for w in ws))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batched(x, ws, sizes, c, out):
-    return _blocks(x, ws, sizes, c, out)
-
-
-def _batched_fwd(x, ws, sizes, c, out):
-    return _blocks(x, ws, sizes, c, out), (x, ws, sizes)
-
-
 def _batched_bwd(c, out, res, dys):
     """The same passes: dx = sum_i dy_i @ w_i[e].T and dw_i += x_blocks.T @ dy_blocks."""
     x, ws, sizes = res
@@ -282,7 +272,7 @@ def _batched_bwd(c, out, res, dys):
     return dx, tuple(d.astype(w.dtype) for d, w in zip(dws, ws)), None
 
 
-_batched.defvjp(_batched_fwd, _batched_bwd)
+_batched = _keeping_inputs(_blocks, _batched_bwd)
 
 
 # --- megablox: the Pallas TPU kernel --------------------------------------------------------
