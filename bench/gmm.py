@@ -5,8 +5,9 @@ Usage: python bench/gmm.py [--reps 5] [--impls ragged,tiled,batched] [--dtype fl
 
 Rows M are routed to E experts in groups of random sizes; each implementation computes the
 forward [M, D] x [E, D, F] (float32 results; err: its largest difference from the first
-implementation's, relative to that one's largest entry) and its gradient. The `flat` column is one plain [M, D] x [D, F]
-matmul: the FLOPs the routed rows really need, at this backend's matmul speed.
+implementation's, relative to that one's largest entry) and its gradient. The `flat` column
+is one plain [M, D] x [D, F] matmul: the FLOPs the routed rows really need, at this
+backend's matmul speed.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def main():
         cells, ratios, ref = [], [], None
         for impl in impls:
             fwd = jax.jit(lambda a, b, s, impl=impl: grouped_matmul(a, b, s, impl, jnp.float32))
-            grad = jax.jit(jax.grad(lambda a, b, s, impl=impl: jnp.sum(grouped_matmul(a, b, s, impl, jnp.float32) ** 2), (0, 1)))
+            loss = lambda a, b, s, impl=impl: jnp.sum(grouped_matmul(a, b, s, impl, jnp.float32) ** 2)  # noqa: E731
+            grad = jax.jit(jax.grad(loss, (0, 1)))
             tf, tg = timed(fwd, x, w, sizes, reps=args.reps), timed(grad, x, w, sizes, reps=args.reps)
             y = fwd(x, w, sizes)
             ref = y if ref is None else ref  # the first implementation's output: each one's error
