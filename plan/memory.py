@@ -152,11 +152,22 @@ def _residual_bytes(run_cfg, layout, n_seqs: int) -> int:
     def kept(params, rest, mb):
         denoms, weights = denominators(mb, run_cfg.model), loss_weights(run_cfg.loss, 0, run_cfg.train.steps)
         _, f_vjp, _ = jax.vjp(lambda p: forward(p, rest, mb, denoms, weights, False), params, has_aux=True)
-        given = {id(x) for x in jax.tree.leaves((params, rest, mb))}
-        return [r for r in jax.tree.leaves(f_vjp) if id(r) not in given]
+        return _new_residuals(f_vjp, (params, rest, mb))
 
-    out = jax.eval_shape(kept, layout.params, layout.rest, batch)
-    return sum(x.size * x.dtype.itemsize for x in out)
+    return _nbytes(jax.eval_shape(kept, layout.params, layout.rest, batch))
+
+
+def _new_residuals(f_vjp, given) -> list:
+    """What a jax.vjp closure keeps for the backward, without the arrays of `given` (its
+    inputs, which exist anyway)."""
+    import jax
+
+    ids = {id(x) for x in jax.tree.leaves(given)}
+    return [r for r in jax.tree.leaves(f_vjp) if id(r) not in ids]
+
+
+def _nbytes(arrays) -> int:
+    return sum(x.size * x.dtype.itemsize for x in arrays)
 
 
 def activations(run_cfg, layout) -> Activations:
@@ -312,12 +323,11 @@ def local_expert_residuals(cfg, local: int, hidden: int, rows: int) -> int:
                     moe, "tiled", x, ee, valid, w1, w3, w2, dt)
                 return ExpertParallel._run_local(None, experts, xs, e, w, jnp.ones(e.shape, bool))
             _, f_vjp = jax.vjp(run, xs, w1, w3, w2)
-            given = {id(x) for x in (xs, w1, w3, w2, e, w)}
-            return [r for r in jax.tree.leaves(f_vjp) if id(r) not in given]
+            return _new_residuals(f_vjp, (xs, w1, w3, w2, e, w))
 
         S = jax.ShapeDtypeStruct
         out = jax.eval_shape(kept, S((rows, cfg.dim), dt), S((local, cfg.dim, hidden), pt),
                              S((local, cfg.dim, hidden), pt), S((local, hidden, cfg.dim), pt),
                              S((rows,), jnp.int32), S((rows,), jnp.float32))
-        _TRACED[key] = sum(x.size * x.dtype.itemsize for x in out)
+        _TRACED[key] = _nbytes(out)
     return _TRACED[key]

@@ -165,17 +165,24 @@ def _equations(jaxpr):
                     yield from _equations(sub)
 
 
+def _bfloat16_moe(x_dtype):
+    """A tiny MoE computing in bfloat16, an input stream in `x_dtype`, and its jitted forward
+    (state, x) -> output: (cfg, moe, x, ids, state, forward)."""
+    cfg = preset("tiny", dtype="bfloat16")
+    moe = MoE(cfg, hashed=False, rngs=nnx.Rngs(4))
+    x = jax.random.normal(jax.random.key(2), (BATCH, 16, cfg.dim), x_dtype)
+    ids = jnp.zeros((BATCH, 16), jnp.int32)
+    graphdef, state = nnx.split(moe)
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, ids)[0])
+    return cfg, moe, x, ids, state, forward
+
+
 def test_bfloat16_expert_products_stay_bfloat16():
     """In bfloat16 every product of bfloat16 operands in the MoE forward is bfloat16 (accumulated
     in float32 inside), on one device and expert-parallel: DeepSeek's reference rounds w1(x),
     w3(x) and w2(h) to the activations' dtype, and a float32 product would keep [rows, D] float32
     buffers (and their cotangents) for every routed row. The router stays float32."""
-    cfg = preset("tiny", dtype="bfloat16")
-    moe = MoE(cfg, hashed=False, rngs=nnx.Rngs(4))
-    x = jax.random.normal(jax.random.key(2), (BATCH, 16, cfg.dim), jnp.bfloat16)
-    ids = jnp.zeros((BATCH, 16), jnp.int32)
-    graphdef, state = nnx.split(moe)
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, ids)[0])
+    cfg, moe, x, ids, state, forward = _bfloat16_moe(jnp.bfloat16)
     mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2), cfg, global_batch=BATCH)
     with sharded(mesh, Rules(), "capacity", None):
         parallel = jax.make_jaxpr(forward)(state, x)
@@ -392,12 +399,7 @@ def test_expert_rows_travel_in_the_compute_dtype():
     """A float32 residual stream into bfloat16 experts: the rows sent to the experts' devices and
     the results sent back are bfloat16 (the experts read them in bfloat16 anyway: half the bytes
     on the wire and in the receive buffers), and the output equals the one-device layer's."""
-    cfg = preset("tiny", dtype="bfloat16")
-    moe = MoE(cfg, hashed=False, rngs=nnx.Rngs(4))
-    x = jax.random.normal(jax.random.key(2), (BATCH, 16, cfg.dim), jnp.float32)
-    ids = jnp.zeros((BATCH, 16), jnp.int32)
-    graphdef, state = nnx.split(moe)
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, ids)[0])
+    cfg, moe, x, ids, state, forward = _bfloat16_moe(jnp.float32)
     mesh = make_mesh(MeshConfig(data=2, expert=4), cfg, global_batch=BATCH)
     with sharded(mesh, Rules(), "capacity", None):
         jaxpr = jax.make_jaxpr(forward)(state, x)
