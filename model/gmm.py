@@ -103,9 +103,9 @@ def _tokamax():
 
 
 def grouped_matmuls(x, ws, sizes, impl: str, preferred_element_type=None):
-    """(grouped_matmul(x, w, ...) for w in ws): "tiled" runs every matrix in one pass over x's
-    tiles, forward and backward (the experts' gate and up projections read the same rows);
-    the other implementations make one call per matrix."""
+    """(grouped_matmul(x, w, ...) for w in ws): "tiled" and "batched" run every matrix in one
+    pass over x's tiles / blocks, forward and backward (the experts' gate and up projections
+    read the same rows); the other implementations make one call per matrix."""
     out = jnp.dtype(preferred_element_type or x.dtype)
     m, e = x.shape[0], ws[0].shape[0]
     if impl == "tiled":
