@@ -12,7 +12,8 @@ float32 on the same random token batch:
          torch.optim.AdamW, loss = model(input_ids, labels=input_ids).loss, balanced hash table.
 --shape adds the shape of issue 11's measurement: `small` with dim 256, 4 layers [window, CSA 4,
 HCA 16, CSA 4], 8 experts top-2, batch 2 x 256 (1 device only: 2 sequences do not split 8 ways).
-Each runs W untimed warm-up steps (our compile), then N timed steps (their median). The
+Each runs W untimed warm-up steps, then N rounds time one step of every runner in turn (the
+median of each runner's N steps): all of them meet the same machine load. The
 parameter counts of both models are asserted equal first. MFU uses
 model.flops_per_token(cfg, S)["train"] against the machine's measured matmul rate.
 """
@@ -65,23 +66,29 @@ def hf_config_dict(cfg) -> dict:
     return {**hf_config(cfg), "num_nextn_predict_layers": cfg.n_mtp_layers, "bos_token_id": 0, "eos_token_id": 1}
 
 
-def timed(step, sync, warmup: int, steps: int) -> float:
-    """Median seconds of `steps` calls of step() (each synchronised), after `warmup` untimed
-    ones: the median, because torch's threads on a shared 2-core machine give outlier steps."""
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
+def interleaved(runners: dict, warmup: int, steps: int) -> dict:
+    """Median seconds per step of each runner {name: (step, sync)}: `warmup` untimed calls of
+    each (our compile), then `steps` rounds that time one synchronised step of every runner in
+    turn, so that all of them meet the same machine load (torch's threads on a shared 2-core
+    machine give outlier steps, and a busy minute would otherwise land on one side only)."""
+    for step, sync in runners.values():
+        for _ in range(warmup):
+            step()
         sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times = {name: [] for name in runners}
+    for _ in range(steps):
+        for name, (step, sync) in runners.items():
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def time_ours(run_cfg, devices, tokens, warmup: int, steps: int) -> float:
-    """Our train step on a data-parallel mesh over `devices`, as python -m train runs it."""
+def ours(run_cfg, devices, tokens):
+    """(step, sync, check) of our train step on a data-parallel mesh over `devices`, as
+    python -m train runs it: compiled ahead of time under the mesh's context (so that several
+    meshes' steps can run in turn), its state donated from step to step."""
     cfg = run_cfg.model
     # FSDP: parameters and optimiser state split 8 ways (a data=8 copy of `small` per emulated
     # device does not fit this machine's 24 GB); the batch is split over fsdp as over data
@@ -94,15 +101,16 @@ def time_ours(run_cfg, devices, tokens, warmup: int, steps: int) -> float:
     batch = jax.device_put(local, NamedSharding(mesh, rules.spec(("batch", None))))
     holder = {"state": state, "metrics": None}
     with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
-        jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None))
+        jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch).compile()
 
-        def one():
-            holder["state"], holder["metrics"] = jstep(holder["state"], batch)
+    def one():
+        holder["state"], holder["metrics"] = jstep(holder["state"], batch)
 
-        sec = timed(one, lambda: jax.block_until_ready(holder), warmup, steps)
-    loss = float(holder["metrics"]["loss"])
-    assert np.isfinite(loss), f"our loss is not finite: {loss}"
-    return sec
+    def check():
+        loss = float(holder["metrics"]["loss"])
+        assert np.isfinite(loss), f"our loss is not finite: {loss}"
+
+    return one, lambda: jax.block_until_ready(holder), check
 
 
 def build_torch(cfg):
@@ -127,7 +135,8 @@ def build_torch(cfg):
     return net
 
 
-def time_torch(net, tokens, warmup: int, steps: int) -> float:
+def hf(net, tokens):
+    """(step, sync, check) of HF's eager training step: AdamW on its CE loss."""
     import torch
 
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -141,9 +150,10 @@ def time_torch(net, tokens, warmup: int, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
-    sec = timed(one, lambda: None, warmup, steps)
-    assert torch.isfinite(losses[-1]), f"torch loss is not finite: {losses[-1]}"
-    return sec
+    def check():
+        assert torch.isfinite(losses[-1]), f"torch loss is not finite: {losses[-1]}"
+
+    return one, lambda: None, check
 
 
 def main():
@@ -185,11 +195,15 @@ def main():
         ours_n, torch_n = param_counts(cfg)["total"], sum(p.numel() for p in net.parameters())
         assert ours_n == torch_n, f"{name}: parameter counts differ: ours {ours_n:,} vs HF {torch_n:,}"
         print(f"  {name}: {ours_n:,} parameters in both; timing ...", flush=True)
-        times = {}
+        runners = {}
         if b % 8 == 0 and DEVICES == 8:
-            times["ours, mesh fsdp=8"] = time_ours(run_cfg, jax.devices(), tokens, args.warmup, args.steps)
-        times[f"ours, 1 device{' (1-device process)' if DEVICES == 1 else ''}"] = time_ours(run_cfg, jax.devices()[:1], tokens, args.warmup, args.steps)
-        times["HF torch eager"] = time_torch(net, tokens, args.warmup, args.steps)
+            runners["ours, mesh fsdp=8"] = ours(run_cfg, jax.devices(), tokens)
+        runners[f"ours, 1 device{' (1-device process)' if DEVICES == 1 else ''}"] = ours(run_cfg, jax.devices()[:1], tokens)
+        runners["HF torch eager"] = hf(net, tokens)
+        times = interleaved({k: r[:2] for k, r in runners.items()}, args.warmup, args.steps)
+        for _, _, check in runners.values():
+            check()
+        del runners
         del net
         flops = flops_per_token(cfg, s)["train"]
         for fw, sec in times.items():
