@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
-MOE_IMPLS = ("auto", "dense", "ragged", "tiled", "batched", "megablox", "tokamax")  # model/gmm.py implements them
+MOE_IMPLS = ("auto", "dense", "ragged", "tiled", "batched", "blocked", "megablox", "tokamax")  # model/gmm.py implements them
 REMATS = ("none", "full", "save_matmuls")
 QUANT_CHOICES = {"quant_matmul": ("none", "fp8"), "quant_matmul_impl": ("simulate", "native"),
                  "quant_experts": ("none", "fp8", "fp4"),

@@ -26,7 +26,7 @@ def _loss(impl):
 
 
 @pytest.mark.parametrize("m,d,f,e,unused", [(300, 16, 24, 8, 13), (1024, 32, 16, 4, 0), (7, 4, 4, 3, 2)])
-@pytest.mark.parametrize("impl", ["ragged", "tiled", "batched", "tokamax"])
+@pytest.mark.parametrize("impl", ["ragged", "tiled", "batched", "blocked", "tokamax"])
 def test_matches_dense(m, d, f, e, unused, impl):
     x, w, sizes = _problem(m, d, f, e, unused)
     want = grouped_matmul(x, w, sizes, "dense")
@@ -44,7 +44,7 @@ def test_matches_dense(m, d, f, e, unused, impl):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["tiled", "batched", "ragged", "tokamax"])
+@pytest.mark.parametrize("impl", ["tiled", "batched", "blocked", "ragged", "tokamax"])
 def test_several_matrices_in_one_pass(impl):
     """grouped_matmuls(x, (w1, w3)): each output and the gradients of a loss mixing both equal
     the dense oracle's (the tiled backward sums both matrices' dx in one loop)."""
@@ -66,7 +66,7 @@ def test_several_matrices_in_one_pass(impl):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["tiled", "batched"])
+@pytest.mark.parametrize("impl", ["tiled", "batched", "blocked"])
 def test_low_precision_inputs_accumulate_in_float32(impl):
     x, w, sizes = _problem(200, 32, 16, 5, 3)
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
@@ -77,16 +77,18 @@ def test_low_precision_inputs_accumulate_in_float32(impl):
     assert dx.dtype == dw.dtype == jnp.bfloat16
 
 
-def test_batched_passes_cover_a_group_of_every_row():
-    """"batched" runs ceil(largest group / C) passes of [E, C] blocks: every row routed to one
-    expert (here 7 passes of C = 40 rows) is still exact, values and gradients."""
+@pytest.mark.parametrize("impl", ["batched", "blocked"])
+def test_a_group_of_every_row(impl):
+    """"batched" runs ceil(largest group / C) passes of [E, C] blocks, "blocked" one pass and
+    tiles for the rest: every row routed to one expert (here 7 passes of C = 40 rows, or 210
+    rows past the block) is still exact, values and gradients."""
     x, w, _ = _problem(256, 16, 8, 8, 0)
     sizes = jnp.array([0, 0, 0, 250, 0, 0, 0, 0], jnp.int32)  # and 6 rows past the groups
     assert gmm.block_rows(256, 8) == 40
-    got = jax.jit(lambda *a: grouped_matmul(*a, "batched"))(x, w, sizes)
+    got = jax.jit(lambda *a: grouped_matmul(*a, impl))(x, w, sizes)
     np.testing.assert_allclose(got, grouped_matmul(x, w, sizes, "dense"), rtol=1e-5, atol=1e-5)
     g_want = jax.grad(_loss("dense"), argnums=(0, 1))(x, w, sizes)
-    for a, b in zip(jax.jit(jax.grad(_loss("batched"), argnums=(0, 1)))(x, w, sizes), g_want):
+    for a, b in zip(jax.jit(jax.grad(_loss(impl), argnums=(0, 1)))(x, w, sizes), g_want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -100,7 +102,7 @@ def test_megablox_kernel_in_interpreter():
 
 def test_auto_picks_per_platform(monkeypatch):
     # tokamax is in the test extra (on a GPU it brings the grouped kernels; `pip install '.[gpu]'`)
-    assert [choose_impl("auto", p) for p in ("cpu", "tpu", "gpu")] == ["tiled", "megablox", "tokamax"]
+    assert [choose_impl("auto", p) for p in ("cpu", "tpu", "gpu")] == ["blocked", "megablox", "tokamax"]
     with monkeypatch.context() as mp:  # a GPU host without tokamax
         mp.setattr(gmm, "_has_tokamax", lambda: False)
         assert choose_impl("auto", "gpu") == "batched"

@@ -193,7 +193,7 @@ def test_state_bytes_equal_the_real_sharded_state():
 def test_activation_residuals_follow_remat():
     """Residuals per sequence: remat=full keeps at least every block's input (the hand-derived
     floor: blocks x seq x hc_mult x dim float32 values) and far less than remat=none;
-    save_matmuls lies between; every figure is linear in the batch (1 vs 2 sequences)."""
+    save_matmuls lies between; every figure is linear in the batch (1, 2, 3 sequences)."""
     base = load_run_config(TINY, ["model.dtype=float32", "data.seq_len=64", *SMALL_OVERRIDES])
     m = base.model
     per = {}
@@ -201,7 +201,9 @@ def test_activation_residuals_follow_remat():
         cfg = load_run_config(TINY, ["model.dtype=float32", "data.seq_len=64", *SMALL_OVERRIDES, f"model.remat={remat}"])
         layout = P.StateLayout(cfg, Rules())
         one, two, three = (P.residual_bytes(cfg, layout, n) for n in (1, 2, 3))
-        assert three - two == two - one  # linear in the sequences
+        # linear in the sequences (save_matmuls keeps the MoE's [E, C, F] expert blocks, whose C
+        # rounds 1.25x the balanced rows up to a multiple of 8: linear within that rounding)
+        assert three - two == pytest.approx(two - one, rel=0.1 if remat == "save_matmuls" else 0)
         per[remat] = P.activations(cfg, layout)
     floor = (m.n_layers + m.n_mtp_layers) * 64 * m.hc_mult * m.dim * 4
     assert floor <= per["full"].per_seq < per["save_matmuls"].per_seq < per["none"].per_seq
