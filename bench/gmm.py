@@ -1,6 +1,6 @@
 """Grouped matmul implementations side by side on this backend (model/gmm.py).
 
-Usage: python bench/gmm.py [--reps 5] [--impls ragged,tiled,batched] [--dtype float32]
+Usage: python bench/gmm.py [--reps 5] [--impls ragged,tiled,batched,blocked] [--dtype float32]
                            [--shapes M,D,F,E;M,D,F,E...]
 
 Rows M are routed to E experts in groups of random sizes; each implementation computes the
@@ -38,7 +38,7 @@ def timed(fn, *args, reps: int) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--impls", default="ragged,tiled,batched")
+    ap.add_argument("--impls", default="ragged,tiled,batched,blocked")
     ap.add_argument("--dtype", default="float32", help="of the rows and the matrices (bfloat16 on GPU / TPU)")
     ap.add_argument("--shapes", help="'M,D,F,E;...' instead of the CPU-sized defaults")
     args = ap.parse_args()
