@@ -16,6 +16,11 @@ two frameworks produced the same tokens (near-tied logits of a random model may 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
+    from train.host import use_huge_pages
+
+    use_huge_pages()
+
 import argparse
 import datetime
 import os

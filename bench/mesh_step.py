@@ -5,6 +5,11 @@ Prints a table of step times and their ratio to data=8, all measured side by sid
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
+    from train.host import use_huge_pages
+
+    use_huge_pages()
+
 import argparse
 import os
 import time

@@ -13,6 +13,11 @@ backend). Extra `key=value` overrides apply to every run.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
+    from train.host import use_huge_pages
+
+    use_huge_pages()
+
 import argparse
 import json
 import os

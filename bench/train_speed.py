@@ -19,6 +19,11 @@ model.flops_per_token(cfg, S)["train"] against the machine's measured matmul rat
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
+    from train.host import use_huge_pages
+
+    use_huge_pages()
+
 import argparse
 import os
 import sys

@@ -197,4 +197,7 @@ def _add(total, stats):
 
 
 if __name__ == "__main__":
+    from train.host import use_huge_pages
+
+    use_huge_pages()  # glibc's malloc on transparent huge pages (train/host.py)
     sys.exit(main())

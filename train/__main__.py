@@ -1,6 +1,9 @@
 """`python -m train`: see train/main.py."""
 import sys
 
-from train.main import main
+from train.host import use_huge_pages
+
+use_huge_pages()  # before JAX: glibc's malloc on transparent huge pages (train/host.py)
+from train.main import main  # noqa: E402
 
 sys.exit(main())
