@@ -26,6 +26,7 @@ if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/ho
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -72,22 +73,25 @@ def hf_config_dict(cfg) -> dict:
 
 
 def interleaved(runners: dict, warmup: int, steps: int) -> dict:
-    """Median seconds per step of each runner {name: (step, sync)}: `warmup` untimed calls of
-    each (our compile), then `steps` rounds that time one synchronised step of every runner in
-    turn, so that all of them meet the same machine load (torch's threads on a shared 2-core
-    machine give outlier steps, and a busy minute would otherwise land on one side only)."""
+    """{name: (median seconds per step, mean page faults per step)} of each runner {name: (step,
+    sync)}: `warmup` untimed calls of each (our compile), then `steps` rounds that time one
+    synchronised step of every runner in turn, so that all of them meet the same machine load
+    (torch's threads on a shared 2-core machine give outlier steps, and a busy minute would
+    otherwise land on one side only). Page faults: the process's minor faults during the step
+    (fresh pages zero-filled by the kernel; see train/host.py)."""
     for step, sync in runners.values():
         for _ in range(warmup):
             step()
         sync()
-    times = {name: [] for name in runners}
+    times, faults = {name: [] for name in runners}, dict.fromkeys(runners, 0)
     for _ in range(steps):
         for name, (step, sync) in runners.items():
-            t0 = time.perf_counter()
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             step()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return {name: (float(np.median(t)), faults[name] / steps) for name, t in times.items()}
 
 
 def ours(run_cfg, devices, tokens):
@@ -211,20 +215,21 @@ def main():
         del runners
         del net
         flops = flops_per_token(cfg, s)["train"]
-        for fw, sec in times.items():
+        for fw, (sec, flt) in times.items():
             rows.append((name, fw, ours_n, b * s, sec, b * s / sec, b * s / sec * flops / peak,
-                         times["HF torch eager"] / sec if fw.startswith("ours") else None))
+                         times["HF torch eager"][0] / sec if fw.startswith("ours") else None, flt))
     print(f"\nTraining step, random tokens, {args.warmup} warm-up + {args.steps} timed steps (median), "
           "float32 everywhere. MTP disabled in both frameworks (n_mtp_layers=0; HF has no MTP block).")
     print(f"Ours: {'Muon + AdamW' if args.optim == 'muon' else 'AdamW'}, CE + balance + indexer-KL loss, routing-bias update (the real step). "
           "HF: AdamW, CE only, eager attention and experts.")
     print(f"MFU = tokens/s x model.flops_per_token(cfg, S)['train'] / {peak:.2e} FLOP/s (this machine's "
-          "float32 matmul rate, measured now: a jitted 2048 x 2048 product, best of 5).\n")
-    print("| preset | framework | params | tokens/step | step ms | tokens/s | MFU | ours / torch |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, fw, n, tokens, sec, tps, mfu, ratio in rows:
+          "float32 matmul rate, measured now: a jitted 2048 x 2048 product, best of 5).")
+    print(f"Page faults: minor faults of the process per step (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}).\n")
+    print("| preset | framework | params | tokens/step | step ms | tokens/s | MFU | ours / torch | page faults |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, fw, n, tokens, sec, tps, mfu, ratio, flt in rows:
         print(f"| {name} | {fw} | {n / 1e6:.2f}M | {tokens} | {1000 * sec:.1f} | {tps:,.0f} | "
-              f"{100 * mfu:.2f}% | {f'{ratio:.2f}x' if ratio else '-'} |")
+              f"{100 * mfu:.2f}% | {f'{ratio:.2f}x' if ratio else '-'} | {flt:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ Every implementation computes exactly that; they differ in what the backend make
 - "blocked": the first pass of "batched" (every group's first C rows in one batched matmul per
   matrix, gathered back into rows), then "tiled" over the rows past C, starting from those
   rows (no zero-filled outputs or gradients); near balance there are few or none. Costs E*C
-  rows at batched-matmul speed plus the overflow's tiles: on XLA:CPU a `small` step takes 16%
+  rows at batched-matmul speed plus the overflow's tiles: on XLA:CPU a `small` step takes 7-16%
   less time than with "tiled" (tiled pays a copy of its expert's matrix per tile), and a
   skewed routing costs at most what "tiled" costs on top of the one pass.
 - "tokamax": `tokamax.ragged_dot`, DeepMind's kernel library (the `gpu` extra): Mosaic GPU
@@ -111,8 +111,8 @@ def _tokamax():
 
 def grouped_matmuls(x, ws, sizes, impl: str, preferred_element_type=None):
     """(grouped_matmul(x, w, ...) for w in ws): "tiled", "batched" and "blocked" run every
-    matrix in one pass over x's tiles / blocks, forward and backward (the experts' gate and up projections
-    read the same rows); the other implementations make one call per matrix."""
+    matrix in one pass over x's tiles / blocks, forward and backward (the experts' gate and up
+    projections read the same rows); the other implementations make one call per matrix."""
     out = jnp.dtype(preferred_element_type or x.dtype)
     m, e = x.shape[0], ws[0].shape[0]
     if impl == "tiled":
