@@ -30,7 +30,7 @@ from plan.flops import (REMAT_FLOPS, HloFlops, count_hlo_flops, flops_per_step, 
                         model_flops_per_device, optimizer_flops)
 from plan.hardware import CHIPS, Chip, GiB, MiB, PlanError, Topology, load_chips, parse_topology, torus_shape
 from plan.memory import (FIT_FRACTION, Activations, Memory, StateLayout, activations, estimate, exchange_bytes,
-                         import_host_bytes, residual_bytes)
+                         import_host_bytes, residual_bytes, traced_impl)
 from plan.report import plan, report_compile, report_import, report_memory, report_storage
 from plan.search import MAX_EXPERT, check_mesh, suggest, why_not
 
@@ -40,5 +40,5 @@ __all__ = [
     "count_hlo_flops", "estimate", "exchange_bytes", "flops_per_step", "hlo_flops", "import_host_bytes", "kernel_fill",
     "libtpu_available", "load_chips", "main",
     "model_flops_per_device", "optimizer_flops", "parse_topology", "plan", "report_compile", "report_import",
-    "report_memory", "report_storage", "residual_bytes", "suggest", "torus_shape", "why_not",
+    "report_memory", "report_storage", "residual_bytes", "suggest", "torus_shape", "traced_impl", "why_not",
 ]

@@ -80,6 +80,10 @@ class Topology:
         return min(self.chips, self.chip.chips_per_host) * self.chip.devices_per_chip
 
     @property
+    def platform(self) -> str:
+        return "tpu" if self.shape else "gpu"
+
+    @property
     def tpu_name(self) -> str | None:
         """The name jax.experimental.topologies knows this slice by, e.g. `v5p:8x8x8`."""
         return f"{self.family}:{'x'.join(map(str, self.shape))}" if self.shape else None

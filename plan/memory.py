@@ -5,7 +5,8 @@
   topology's size: exact, the layout `python -m train` creates.
 - Activations: the residuals autodiff keeps for the backward pass, read off `jax.vjp` of the
   real loss traced abstractly (no FLOPs, no memory) at 1 and 2 sequences, so the policy of
-  `model.remat` is applied by JAX itself. Per-sequence residuals scale with the sequences each
+  `model.remat` is applied by JAX itself, with the MoE's grouped matmul standing in for the
+  target's kernel (traced_impl). Per-sequence residuals scale with the sequences each
   device holds; the rest (weights cast to the compute dtype, kept for the backward) is counted
   sharded like the parameters. A rematerialised block recomputes its forward during the
   backward: one block's residuals (the remat-none residuals over the layer count) are added as
@@ -129,14 +130,43 @@ class Activations:
 _TRACED: dict = {}  # a full-depth model traces in 10-20 s: once per process, model and batch
 
 
-def residual_bytes(run_cfg, layout, n_seqs: int) -> int:
+def residual_bytes(run_cfg, layout, n_seqs: int, platform: str = "tpu") -> int:
     """Bytes of what jax.vjp keeps for the backward of the loss on `n_seqs` sequences,
     excluding the arguments themselves (parameters, routing tables, batch). `layout` holds
-    `run_cfg.model`'s state; the figure is remembered per model, sequence length and loss."""
-    key = (run_cfg.model, run_cfg.data.seq_len, run_cfg.loss, run_cfg.train.steps, n_seqs)
+    `run_cfg.model`'s state; the MoE runs the grouped matmul `model.moe_impl` means on the
+    target `platform` (traced_impl). The figure is remembered per model, sequence length and loss."""
+    model = run_cfg.model.replace(moe_impl=traced_impl(run_cfg.model.moe_impl, platform))
+    key = (model, run_cfg.data.seq_len, run_cfg.loss, run_cfg.train.steps, n_seqs)
     if key not in _TRACED:
-        _TRACED[key] = _residual_bytes(run_cfg, layout, n_seqs)
+        _TRACED[key] = _residual_bytes(*_with_model(run_cfg, layout, model), n_seqs)
     return _TRACED[key]
+
+
+def traced_impl(moe_impl: str, platform: str) -> str:
+    """The grouped matmul to trace on this host for a `platform` ("tpu" or "gpu") target: the
+    target's kernels (megablox, tokamax) keep only their inputs for the backward, as "tiled" does
+    here; the host's own `auto` choice (blocked on CPU) would keep its [E, C, F] expert blocks."""
+    from model.gmm import choose_impl
+
+    impl = "tokamax" if (moe_impl, platform) == ("auto", "gpu") else choose_impl(moe_impl, platform)
+    return "tiled" if impl in ("megablox", "tokamax") else impl
+
+
+def _with_model(run_cfg, layout, model):
+    """(run_cfg, layout) for `model`, a config with the same state as run_cfg.model's (only
+    the modules' calls, in the graphdef, differ)."""
+    if model == run_cfg.model:
+        return run_cfg, layout
+    import copy
+    import dataclasses
+
+    from flax import nnx
+
+    from model.transformer import abstract
+
+    other = copy.copy(layout)
+    other.graphdef = nnx.split(abstract(model), nnx.Param, ...)[0]
+    return dataclasses.replace(run_cfg, model=model), other
 
 
 def _residual_bytes(run_cfg, layout, n_seqs: int) -> int:
@@ -170,23 +200,13 @@ def _nbytes(arrays) -> int:
     return sum(x.size * x.dtype.itemsize for x in arrays)
 
 
-def activations(run_cfg, layout) -> Activations:
-    import dataclasses
-
-    one, two = residual_bytes(run_cfg, layout, 1), residual_bytes(run_cfg, layout, 2)
+def activations(run_cfg, layout, platform: str = "tpu") -> Activations:
+    one, two = (residual_bytes(run_cfg, layout, n, platform) for n in (1, 2))
     per_seq, fixed = two - one, 2 * one - two
     block = 0.0
     if run_cfg.model.remat != "none":
-        import copy
-
-        from flax import nnx
-
-        from model.transformer import abstract
-
-        plain = dataclasses.replace(run_cfg, model=run_cfg.model.replace(remat="none"))
-        plain_layout = copy.copy(layout)  # same state; only the block call (graphdef) differs
-        plain_layout.graphdef = nnx.split(abstract(plain.model), nnx.Param, ...)[0]
-        none_seq = residual_bytes(plain, plain_layout, 2) - residual_bytes(plain, plain_layout, 1)
+        plain = _with_model(run_cfg, layout, run_cfg.model.replace(remat="none"))
+        none_seq = residual_bytes(*plain, 2, platform) - residual_bytes(*plain, 1, platform)
         block = none_seq / (run_cfg.model.n_layers + run_cfg.model.n_mtp_layers)
     return Activations(per_seq, fixed, block)
 

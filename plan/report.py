@@ -46,7 +46,7 @@ def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: boo
             out(f"mesh: {_mesh_text(sizes)} cannot run this config: {problem}")
             return 1
     layout = StateLayout(run_cfg, Rules(run_cfg.rules))
-    act = activations(run_cfg, layout)
+    act = activations(run_cfg, layout, topo.platform)
     budget, other = FIT_FRACTION * chip.hbm, None
     if mesh_cfg is None:
         sizes, mem = suggest(run_cfg, layout, act, topo.devices, chip.hbm)
