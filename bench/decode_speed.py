@@ -16,10 +16,10 @@ two frameworks produced the same tokens (near-tied logits of a random model may 
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
-    from train.host import use_huge_pages
+if __name__ == "__main__":  # glibc malloc keeping its pages between steps (train/host.py), before JAX
+    from train.host import tune_malloc
 
-    use_huge_pages()
+    tune_malloc()
 
 import argparse
 import datetime

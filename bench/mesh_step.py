@@ -5,10 +5,10 @@ Prints a table of step times and their ratio to data=8, all measured side by sid
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
-    from train.host import use_huge_pages
+if __name__ == "__main__":  # glibc malloc keeping its pages between steps (train/host.py), before JAX
+    from train.host import tune_malloc
 
-    use_huge_pages()
+    tune_malloc()
 
 import argparse
 import os

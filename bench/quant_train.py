@@ -13,10 +13,10 @@ backend). Extra `key=value` overrides apply to every run.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
-    from train.host import use_huge_pages
+if __name__ == "__main__":  # glibc malloc keeping its pages between steps (train/host.py), before JAX
+    from train.host import tune_malloc
 
-    use_huge_pages()
+    tune_malloc()
 
 import argparse
 import json

@@ -19,10 +19,10 @@ model.flops_per_token(cfg, S)["train"] against the machine's measured matmul rat
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
-    from train.host import use_huge_pages
+if __name__ == "__main__":  # glibc malloc keeping its pages between steps (train/host.py), before JAX
+    from train.host import tune_malloc
 
-    use_huge_pages()
+    tune_malloc()
 
 import argparse
 import os
@@ -73,25 +73,28 @@ def hf_config_dict(cfg) -> dict:
 
 
 def interleaved(runners: dict, warmup: int, steps: int) -> dict:
-    """{name: (median seconds per step, mean page faults per step)} of each runner {name: (step,
+    """{name: (median seconds per step, mean page faults, mean kernel seconds per step)} of each runner {name: (step,
     sync)}: `warmup` untimed calls of each (our compile), then `steps` rounds that time one
     synchronised step of every runner in turn, so that all of them meet the same machine load
     (torch's threads on a shared 2-core machine give outlier steps, and a busy minute would
     otherwise land on one side only). Page faults: the process's minor faults during the step
-    (fresh pages zero-filled by the kernel; see train/host.py)."""
+    (fresh pages zero-filled by the kernel; see train/host.py); kernel time: the process's
+    system CPU time during the step (zeroing those pages, compacting memory for huge ones)."""
     for step, sync in runners.values():
         for _ in range(warmup):
             step()
         sync()
-    times, faults = {name: [] for name in runners}, dict.fromkeys(runners, 0)
+    times, faults, kernel = {name: [] for name in runners}, dict.fromkeys(runners, 0), dict.fromkeys(runners, 0.0)
     for _ in range(steps):
         for name, (step, sync) in runners.items():
-            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             step()
             sync()
             times[name].append(time.perf_counter() - t0)
-            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    return {name: (float(np.median(t)), faults[name] / steps) for name, t in times.items()}
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            faults[name] += r1.ru_minflt - r0.ru_minflt
+            kernel[name] += r1.ru_stime - r0.ru_stime
+    return {name: (float(np.median(t)), faults[name] / steps, kernel[name] / steps) for name, t in times.items()}
 
 
 def ours(run_cfg, devices, tokens):
@@ -215,21 +218,22 @@ def main():
         del runners
         del net
         flops = flops_per_token(cfg, s)["train"]
-        for fw, (sec, flt) in times.items():
+        for fw, (sec, flt, sys_s) in times.items():
             rows.append((name, fw, ours_n, b * s, sec, b * s / sec, b * s / sec * flops / peak,
-                         times["HF torch eager"][0] / sec if fw.startswith("ours") else None, flt))
+                         times["HF torch eager"][0] / sec if fw.startswith("ours") else None, flt, sys_s))
     print(f"\nTraining step, random tokens, {args.warmup} warm-up + {args.steps} timed steps (median), "
           "float32 everywhere. MTP disabled in both frameworks (n_mtp_layers=0; HF has no MTP block).")
     print(f"Ours: {'Muon + AdamW' if args.optim == 'muon' else 'AdamW'}, CE + balance + indexer-KL loss, routing-bias update (the real step). "
           "HF: AdamW, CE only, eager attention and experts.")
     print(f"MFU = tokens/s x model.flops_per_token(cfg, S)['train'] / {peak:.2e} FLOP/s (this machine's "
           "float32 matmul rate, measured now: a jitted 2048 x 2048 product, best of 5).")
-    print(f"Page faults: minor faults of the process per step (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}).\n")
-    print("| preset | framework | params | tokens/step | step ms | tokens/s | MFU | ours / torch | page faults |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, fw, n, tokens, sec, tps, mfu, ratio, flt in rows:
+    print("Page faults and kernel ms: the process's minor faults and system CPU time per step, mean "
+          f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}).\n")
+    print("| preset | framework | params | tokens/step | step ms | tokens/s | MFU | ours / torch | page faults | kernel ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, fw, n, tokens, sec, tps, mfu, ratio, flt, sys_s in rows:
         print(f"| {name} | {fw} | {n / 1e6:.2f}M | {tokens} | {1000 * sec:.1f} | {tps:,.0f} | "
-              f"{100 * mfu:.2f}% | {f'{ratio:.2f}x' if ratio else '-'} | {flt:,.0f} |")
+              f"{100 * mfu:.2f}% | {f'{ratio:.2f}x' if ratio else '-'} | {flt:,.0f} | {1000 * sys_s:.0f} |")
 
 
 if __name__ == "__main__":

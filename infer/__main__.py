@@ -197,7 +197,7 @@ def _add(total, stats):
 
 
 if __name__ == "__main__":
-    from train.host import use_huge_pages
+    from train.host import tune_malloc
 
-    use_huge_pages()  # glibc's malloc on transparent huge pages (train/host.py)
+    tune_malloc()  # glibc malloc keeps its pages from step to step (train/host.py)
     sys.exit(main())

@@ -1,9 +1,9 @@
 """`python -m train`: see train/main.py."""
 import sys
 
-from train.host import use_huge_pages
+from train.host import tune_malloc
 
-use_huge_pages()  # before JAX: glibc's malloc on transparent huge pages (train/host.py)
+tune_malloc()  # before JAX: glibc malloc keeps its pages from step to step (train/host.py)
 from train.main import main  # noqa: E402
 
 sys.exit(main())
