@@ -6,9 +6,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test test-pod train generate bench venv clean
 
-# glibc malloc keeping its pages from step to step, on transparent huge pages (train/host.py; the
-# python entry points re-execute themselves with these): no zero-filled fresh pages every step
-export GLIBC_TUNABLES := $(shell $(PYTHON) train/host.py)
+# glibc's malloc on transparent huge pages (train/host.py; the python entry points re-execute
+# themselves with it): XLA:CPU's per-step buffers then fault 2 MiB at a time, not 4 KiB
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 # modules are compiled to bytecode once, on first import (see --no-compile below)
 unexport PYTHONDONTWRITEBYTECODE

@@ -16,7 +16,7 @@ two frameworks produced the same tokens (near-tied logits of a random model may 
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc malloc keeping its pages between steps (train/host.py), before JAX
+if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
     from train.host import tune_malloc
 
     tune_malloc()

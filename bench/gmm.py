@@ -11,7 +11,7 @@ backend's matmul speed.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc malloc keeping its pages between steps (train/host.py), before JAX
+if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
     from train.host import tune_malloc
 
     tune_malloc()

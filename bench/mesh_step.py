@@ -5,7 +5,7 @@ Prints a table of step times and their ratio to data=8, all measured side by sid
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc malloc keeping its pages between steps (train/host.py), before JAX
+if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
     from train.host import tune_malloc
 
     tune_malloc()

@@ -199,5 +199,5 @@ def _add(total, stats):
 if __name__ == "__main__":
     from train.host import tune_malloc
 
-    tune_malloc()  # glibc malloc keeps its pages from step to step (train/host.py)
+    tune_malloc()  # glibc's malloc on transparent huge pages (train/host.py)
     sys.exit(main())
