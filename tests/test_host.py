@@ -12,7 +12,7 @@ HUGE = "glibc.malloc.hugetlb=1"
 
 @pytest.mark.parametrize("mode,given,want", [
     ("always [madvise] never", "", HUGE),
-    ("always [madvise] never", host.KEEP_PAGES, host.KEEP_PAGES + ":" + HUGE),  # other tunables are kept
+    ("always [madvise] never", "glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:" + HUGE),  # others kept
     ("always [madvise] never", "glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),  # the user's own choice
     ("[always] madvise never", "", ""),  # huge pages already
     ("always madvise [never]", "", ""),

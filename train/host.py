@@ -11,12 +11,12 @@ starts, so `tune_malloc` starts the process again with it set (same pid, argumen
 environment otherwise); a tunable the user already set in GLIBC_TUNABLES is kept as it is.
 
 The zeroing remains: 0.2-0.9 s of kernel time a step on `small`, up to 3.7 s when another
-allocator (torch's, in the same process) has fragmented memory. KEEP_PAGES removes it (one
-arena, so that the pool thread allocates from the main heap; no mmap; no trimming the heap):
-no faults, no kernel time, `small` 2.0-2.2 -> 1.85-2.0 s a step alone and 2.5-3.6 -> 1.95-2.05 s
-beside torch; but every thread then shares one arena, and steps of many small buffers slow
-down (`tiny` 90 -> 167 ms). So it is not the default: set it yourself for large models on CPU,
-`GLIBC_TUNABLES=<KEEP_PAGES>` (resident memory grows to the heap's peak: 5.0 -> 6.6 GB on small).
+allocator (torch's, in the same process) has fragmented memory. A single arena that keeps its
+pages (`glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2**40`,
+so that the pool thread allocates from the main heap) removes it: `small` 2.0-2.2 -> 1.85-2.0 s
+a step alone, 2.5-3.6 -> 1.95-2.05 s beside torch. It is not applied: one arena shared by every
+thread halves `tiny`'s speed (90 -> 167 ms a step), and `small` on 8 emulated devices ran out of
+24 GB with it, at 11.8 GB without (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import os
 import sys
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
-KEEP_PAGES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
