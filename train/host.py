@@ -10,8 +10,8 @@ backs them with transparent huge pages where the kernel gives them on request: ~
 starts, so `tune_malloc` starts the process again with it set (same pid, arguments and
 environment otherwise); a tunable the user already set in GLIBC_TUNABLES is kept as it is.
 
-The zeroing remains: 0.2-0.9 s of kernel time a step on `small`, up to 3.7 s when another
-allocator (torch's, in the same process) has fragmented memory. A single arena that keeps its
+The zeroing remains: 0.2-0.9 s of kernel time a step on `small` alone on this VM, up to 3.7 s
+while torch trains beside it (in the same process or another). A single arena that keeps its
 pages (`glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2**40`,
 so that the pool thread allocates from the main heap) removes it: `small` 2.0-2.2 -> 1.85-2.0 s
 a step alone, 2.5-3.6 -> 1.95-2.05 s beside torch. It is not applied: one arena shared by every
