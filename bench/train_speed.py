@@ -74,12 +74,13 @@ def hf_config_dict(cfg) -> dict:
 
 def interleaved(runners: dict, warmup: int, steps: int) -> dict:
     """{name: (median seconds per step, mean page faults, mean kernel seconds per step)} of each
-    runner {name: (step, sync)}: `warmup` untimed calls of each (our compile), then `steps` rounds that time one
-    synchronised step of every runner in turn, so that all of them meet the same machine load
-    (torch's threads on a shared 2-core machine give outlier steps, and a busy minute would
-    otherwise land on one side only). Page faults: the process's minor faults during the step
-    (fresh pages zero-filled by the kernel; see train/host.py); kernel time: the process's
-    system CPU time during the step (zeroing those pages, compacting memory for huge ones)."""
+    runner {name: (step, sync)}: `warmup` untimed calls of each (our compile), then `steps`
+    rounds that time one synchronised step of every runner in turn, so that all of them meet the
+    same machine load (torch's threads on a shared 2-core machine give outlier steps, and a busy
+    minute would otherwise land on one side only). Page faults: the process's minor faults
+    during the step (fresh pages zero-filled by the kernel; see train/host.py); kernel time: the
+    process's system CPU time during the step (zeroing those pages, compacting memory for huge
+    ones)."""
     for step, sync in runners.values():
         for _ in range(warmup):
             step()

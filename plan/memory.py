@@ -135,7 +135,7 @@ def residual_bytes(run_cfg, layout, n_seqs: int, platform: str = "tpu") -> int:
     excluding the arguments themselves (parameters, routing tables, batch). `layout` holds
     `run_cfg.model`'s state; the MoE runs the grouped matmul `model.moe_impl` means on the
     target `platform` (traced_impl). The figure is remembered per model, sequence length and loss."""
-    model = run_cfg.model.replace(moe_impl=traced_impl(run_cfg.model.moe_impl, platform))
+    model = _traced_model(run_cfg.model, platform)
     key = (model, run_cfg.data.seq_len, run_cfg.loss, run_cfg.train.steps, n_seqs)
     if key not in _TRACED:
         _TRACED[key] = _residual_bytes(*_with_model(run_cfg, layout, model), n_seqs)
@@ -150,6 +150,11 @@ def traced_impl(moe_impl: str, platform: str) -> str:
 
     impl = "tokamax" if (moe_impl, platform) == ("auto", "gpu") else choose_impl(moe_impl, platform)
     return "tiled" if impl in ("megablox", "tokamax") else impl
+
+
+def _traced_model(model, platform: str):
+    """`model` with the grouped matmul traced_impl gives for `platform`."""
+    return model.replace(moe_impl=traced_impl(model.moe_impl, platform))
 
 
 def _with_model(run_cfg, layout, model):
@@ -205,7 +210,8 @@ def activations(run_cfg, layout, platform: str = "tpu") -> Activations:
     per_seq, fixed = two - one, 2 * one - two
     block = 0.0
     if run_cfg.model.remat != "none":
-        plain = _with_model(run_cfg, layout, run_cfg.model.replace(remat="none"))
+        # traced_impl applied here too, so that residual_bytes rebuilds no second graphdef
+        plain = _with_model(run_cfg, layout, _traced_model(run_cfg.model.replace(remat="none"), platform))
         none_seq = residual_bytes(*plain, 2, platform) - residual_bytes(*plain, 1, platform)
         block = none_seq / (run_cfg.model.n_layers + run_cfg.model.n_mtp_layers)
     return Activations(per_seq, fixed, block)
