@@ -16,6 +16,11 @@ two frameworks produced the same tokens (near-tied logits of a random model may 
 """
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
     from train.host import tune_malloc
 
@@ -23,12 +28,9 @@ if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/ho
 
 import argparse
 import datetime
-import os
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,7 +1,7 @@
 """Train a ~1B-active DeepSeek-V4 on one accelerator for a few steps: tokens/s and MFU.
 
 Usage: python bench/gpu_train.py [--steps 10] [--warmup 2] [--batch 8] [--seq 4096] [--tiny]
-                                 [--set model.moe_impl=batched ...]
+                                 [--set model.moe_impl=batched ...] [--profile 2]
 
 The model: v4-flash's architecture narrowed to dim 2048, 12 layers (2 window, then CSA / HCA
 alternating), 16 heads of 512, 32 experts (top-6) of 1408 hidden units: 1.25B active of 4.6B
@@ -9,13 +9,17 @@ parameters. bfloat16 compute, float32 parameters, Muon, remat full, the real tra
 `python -m train` (model.moe_impl auto: tokamax or batched on GPU, megablox on TPU). MFU counts
 model.flops_per_token x the remat factor against the chip's dense bf16 peak (plan/chips.yaml's
 catalogue, by device kind; --peak overrides). --tiny runs a small shape anywhere (how the test
-suite checks this script on CPU).
+suite checks this script on CPU). --profile N traces N more steps with jax.profiler and prints the
+device's busiest kernels (ms per step, calls, the jax op an XLA fusion came from).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +48,48 @@ def peak_flops(device) -> float:
     return CPU_PEAK if device.platform == "cpu" else float("nan")
 
 
+def busiest_ops(trace_dir: str) -> tuple[dict, str]:
+    """{kernel or op name: [total ns, calls]} over the device planes of the jax.profiler trace
+    in trace_dir (their "XLA Ops" lines where there are such, else every line: on an H200 the
+    planes hold only their streams' kernels), and the lines it read."""
+    from jax.profiler import ProfileData
+
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    ops, read = {}, []
+    for plane in ProfileData.from_file(path).planes:
+        lines = list(plane.lines) if plane.name.startswith("/device:") else []
+        for line in [line for line in lines if line.name == "XLA Ops"] or lines:
+            read.append(f"{plane.name} {line.name}")
+            for ev in line.events:
+                op = ops.setdefault(ev.name, [0, 0])
+                op[0] += ev.duration_ns
+                op[1] += 1
+    return ops, "; ".join(read[:4]) + ("; ..." if len(read) > 4 else "")
+
+
+def hlo_sources(hlo_text: str) -> dict:
+    """{kernel name: the jax source op of that HLO instruction} from a compiled module's text
+    (XLA:GPU names a fusion's kernel after the instruction, '.' written '_')."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+        out[m.group(1).replace(".", "_")] = m.group(2)
+    return out
+
+
+def print_top_ops(trace_dir: str, steps: int, sources: dict, top: int = 30):
+    ops, read = busiest_ops(trace_dir)
+    if not ops:
+        print("the trace holds no device plane (on CPU, read the trace itself: " + trace_dir + ")")
+        return
+    total = sum(op[0] for op in ops.values())
+    print(f"\nbusiest device ops over {steps} traced step(s) ({read}); device busy {total / steps / 1e6:.1f} ms a step")
+    print("| ms / step | share | calls / step | kernel / op | jax source (library GEMMs have none) |")
+    print("|---|---|---|---|---|")
+    for name, (ns, calls) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"| {ns / steps / 1e6:.2f} | {ns / total:.1%} | {calls / steps:g} | {name[:60]} | "
+              f"{sources.get(name, '')[-110:]} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -52,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (a CPU check of this script)")
     ap.add_argument("--peak", type=float, help="bf16 FLOP/s of the device (default: by device kind)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="trace N more steps and print the device's busiest ops")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override after this script's own (repeatable), e.g. model.moe_impl=batched")
     args = ap.parse_args(argv)
@@ -99,6 +147,13 @@ def main(argv=None) -> int:
             state, metrics = step(state, batch)
         jax.block_until_ready(state)
         sec = (time.perf_counter() - t) / args.steps
+        if args.profile:
+            trace_dir = tempfile.mkdtemp(prefix="gpu_train_trace_")
+            with jax.profiler.trace(trace_dir):
+                for _ in range(args.profile):
+                    state, metrics = step(state, batch)
+                jax.block_until_ready(state)
+            print_top_ops(trace_dir, args.profile, hlo_sources(step.as_text()))
     loss = float(metrics["loss"])
     tps = args.batch * args.seq / sec
     flops = flops_per_token(cfg, args.seq)["train"] * REMAT_FLOPS[cfg.remat]

@@ -13,6 +13,11 @@ backend). Extra `key=value` overrides apply to every run.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
     from train.host import tune_malloc
 
@@ -20,10 +25,8 @@ if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/ho
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

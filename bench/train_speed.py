@@ -19,15 +19,18 @@ model.flops_per_token(cfg, S)["train"] against the machine's measured matmul rat
 """
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
     from train.host import tune_malloc
 
     tune_malloc()
 
 import argparse
-import os
 import resource
-import sys
 import time
 
 # --devices (read before JAX starts): 8 emulated devices for the fsdp=8 rows, or 1. A process

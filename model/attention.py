@@ -5,9 +5,10 @@ O o_lora rank, T compressed entries, J candidates of one query, C window chunks,
 Queries: x -> Wq_a -> RMSNorm -> Wq_b -> [H, K] -> weightless RMSNorm per head -> rope (last R).
 One K=V vector per token: x -> Wkv -> RMSNorm -> rope. Each query sees the last W tokens
 (itself included) plus compressed entries: every complete block on HCA layers, the indexer's
-top-k on CSA layers (gathered, not a dense mask). One float32 softmax over all candidates plus a
-per-head sink logit that only adds to the denominator. The inverse rotation is applied to the
-last R output dims, then a block-diagonal projection per group and a dense one back to D.
+top-k on CSA layers (gathered, or masked out of all blocks: model.csa_select). One float32
+softmax over all candidates plus a per-head sink logit that only adds to the denominator. The
+inverse rotation is applied to the last R output dims, then a block-diagonal projection per
+group and a dense one back to D.
 """
 from __future__ import annotations
 
@@ -22,6 +23,22 @@ from .indexer import Indexer, indexer_kl
 from .layers import Linear, RMSNorm, apply_rope, constant, constrain, rms_normalize
 
 F32 = jnp.float32
+
+
+# csa_select "auto" masks while the blocks are at most this many times the top-k. On one H200
+# (bench/gpu_train.py --profile: T / k = 4, gather) the scatter-add that is the backward of the
+# gathered [B, S, k, head_dim] entries took 220 ms per CSA layer, 25% of the step, and the
+# forward gather 28 ms more; by FLOP count the mask's extra logits ((T - k) / k times the
+# selected ones') cost ~6 ms a layer there (not yet measured). On this project's 2-core CPU the two
+# run at the same speed (small, shape). Long contexts (T / k in the hundreds at 1M tokens) gather.
+CSA_MASK_MAX = 16
+
+
+def chosen(idx_BSk, blocks: int):
+    """[B, S, blocks] booleans: True at the top-k indices (-1 = no pick)."""
+    b, s, _ = idx_BSk.shape
+    at = jnp.where(idx_BSk >= 0, idx_BSk, blocks)  # no pick -> a spare last column
+    return jnp.put_along_axis(jnp.zeros((b, s, blocks + 1), bool), at, True, axis=-1, inplace=False)[..., :blocks]
 
 
 def _chunk(x, w: int):
@@ -199,6 +216,12 @@ class Attention(nnx.Module):
                 kl = indexer_kl(comp["index_scores"], pc, comp["mask"])
         return o.astype(q.dtype), kl
 
+    def select_by_mask(self, blocks: int, k: int) -> bool:
+        """Whether a CSA query reads its k of `blocks` entries through a mask over all of them
+        (model.csa_select)."""
+        mode = self.cfg.csa_select
+        return blocks <= CSA_MASK_MAX * k if mode == "auto" else mode == "mask"
+
     def _compressed(self, per_q, shared, scale, dense_csa):
         """Logits [B, S, H, J] of the compressed candidates, a combine function for their
         probabilities, and on CSA layers the index scores / mask the KL loss compares."""
@@ -207,14 +230,17 @@ class Attention(nnx.Module):
         out = {}
         if self.indexer is not None:
             scores = self.indexer.score(per_q["index_q"], per_q["index_w"], shared["index_keys"], vis)
-        if self.indexer is None or dense_csa:
+        dense = self.indexer is None or dense_csa
+        if not dense:
+            idx = self.indexer.select(scores)                                 # [B, S, k]
+        if dense or self.select_by_mask(ckv.shape[1], idx.shape[-1]):
+            mask = vis if dense else chosen(idx, ckv.shape[1])                # [B, S, T]
             logits = jnp.einsum("bshk,btk->bsht", q, ckv, preferred_element_type=F32) * scale
-            out["logits"] = jnp.where(vis[:, :, None, :], logits, -jnp.inf)
+            out["logits"] = jnp.where(mask[:, :, None, :], logits, -jnp.inf)
             out["combine"] = lambda p: jnp.einsum("bshj,bjk->bshk", p, ckv, preferred_element_type=F32)
             if self.indexer is not None:
-                out["index_scores"], out["mask"] = scores, vis
+                out["index_scores"], out["mask"] = scores, mask
             return out
-        idx = self.indexer.select(scores)                                     # [B, S, k]
         valid = idx >= 0
         safe = jnp.maximum(idx, 0)
         picked = jax.vmap(lambda c, i: c[i])(ckv, safe)                       # [B, S, k, K]

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 MOE_IMPLS = ("auto", "dense", "ragged", "tiled", "batched", "blocked", "megablox", "tokamax")  # model/gmm.py implements them
+CSA_SELECTS = ("auto", "gather", "mask")  # model/attention.py: how a CSA query reads its top-k blocks
 REMATS = ("none", "full", "save_matmuls")
 QUANT_CHOICES = {"quant_matmul": ("none", "fp8"), "quant_matmul_impl": ("simulate", "native"),
                  "quant_experts": ("none", "fp8", "fp4"),
@@ -23,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Fields that say how a run computes, not what the network is: a checkpoint made with other
 # values loads unchanged (train.init_from, model.load_pretrained's overrides).
 RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_max_period", "scan_unroll", "moe_impl", "attn_query_chunk",
-              "head_chunks",
+              "head_chunks", "csa_select",
               "quant_matmul", "quant_matmul_impl", "quant_experts", "quant_kv", "quant_indexer", "quant_block",
               "quant_fp4_block", "quant_kv_block", "init_std", "hash_seed")
 
@@ -78,6 +79,11 @@ class ModelConfig:
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 512
+    # how a CSA query reads its top-k blocks (the same result either way): "gather" copies them
+    # out ([B, S, k, head_dim], a scatter-add in the backward), "mask" masks every block's
+    # logits to the top-k (T / k times the logit FLOPs, plain matmuls); "auto": mask while the
+    # blocks are at most CSA_MASK_MAX times the top-k
+    csa_select: str = "auto"
     # rotary embedding; YaRN applies on layers with a compressor only
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
@@ -200,6 +206,7 @@ def _validate(c: ModelConfig) -> None:
           f"{c.n_hash_layers} hash-routed layers but only n_layers={c.n_layers}")
     check(c.score_func in SCORE_FUNCS, "score_func", f"must be one of {SCORE_FUNCS}, got {c.score_func!r}")
     check(c.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}, got {c.moe_impl!r}")
+    check(c.csa_select in CSA_SELECTS, "csa_select", f"must be one of {CSA_SELECTS}, got {c.csa_select!r}")
     check(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {c.dtype!r}")
     check(c.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {c.param_dtype!r}")
     check(c.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")

@@ -283,6 +283,40 @@ def test_query_chunks_equal_whole_sequence(ratio, dense_csa):
         np.testing.assert_allclose(gc, g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [0, 32], ids=["whole", "chunked"])
+def test_csa_mask_equals_gather(chunk):
+    """model.csa_select: reading the top-k blocks through a mask over all of them gives the
+    gathered top-k's output, indexer KL and gradients (parameters and input), with two packed
+    documents and queries that see fewer than k blocks (no picks)."""
+    from model.attention import Attention, chosen
+    from model.layers import rope_angles
+
+    cfg = preset("tiny", attn_query_chunk=chunk)
+    x = jax.random.normal(jax.random.key(3), (2, 64, cfg.dim))
+    seg = jnp.concatenate([jnp.zeros((2, 40), jnp.int32), jnp.ones((2, 24), jnp.int32)], 1)
+    pos = jnp.arange(64)
+    angles = rope_angles(cfg, pos, True)
+
+    def run(select):
+        def loss(m, x):
+            y, (kl, _) = m(x, pos, angles, seg)
+            return jnp.mean(y ** 2) + kl, (y, kl)
+        step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        (_, out), grads = step(Attention(cfg.replace(csa_select=select), 4, nnx.Rngs(1)), x)
+        return out, jax.tree.leaves(nnx.to_pure_dict(grads[0])) + [grads[1]]
+
+    (y, kl), grads = run("gather")
+    (y_m, kl_m), grads_m = run("mask")
+    assert float(kl) > 0
+    np.testing.assert_allclose(y_m, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kl_m, kl, rtol=1e-5, atol=1e-6)
+    for g, gm in zip(grads, grads_m):
+        np.testing.assert_allclose(gm, g, rtol=1e-4, atol=1e-6)
+    # the mask by hand: picks 2 and 0 of row 0, nothing on row 1 (-1), a repeated pick
+    got = chosen(jnp.array([[[2, 0, -1], [-1, -1, -1], [3, 3, 1]]]), 4)
+    assert np.array_equal(got, [[[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 1]]])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_rope_against_a_rotation_matrix(dtype):
     """apply_rope and its vector-Jacobian product against a float64 rotation matrix built by
