@@ -71,6 +71,10 @@ class OptimConfig(_Section):
     eps: float = 1e-8
     muon_momentum: float = 0.95
     muon_rms: float = 0.18  # RMS that Muon's orthogonalised update is scaled to
+    # dtype of Muon's Newton-Schulz (and of its all_to_all exchange on a mesh); the update comes
+    # back in the gradients' dtype. bfloat16: Muon's usual precision, the matrix units' full rate
+    # on GPU / TPU (float32 runs there on TF32 / multi-pass bf16); float32 is faster on CPUs
+    muon_dtype: str = "float32"
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     warmup_steps: int = 20
     decay: str = "cosine"
@@ -79,6 +83,7 @@ class OptimConfig(_Section):
     def _validate(self):
         _one_of(self.name, OPTIMIZERS, "optim.name")
         _one_of(self.decay, DECAYS, "optim.decay")
+        _one_of(self.muon_dtype, ("float32", "bfloat16"), "optim.muon_dtype")
         _bounds(self, "optim", gt0=("lr", "eps", "muon_rms"), ge0=("weight_decay", "clip_norm", "warmup_steps"),
                 unit=("b1", "b2", "muon_momentum"), frac=("min_lr_ratio",))
 

@@ -46,7 +46,8 @@ def newton_schulz(x_bmn, coeffs, eps: float, column_axes: tuple = (), r: int = 1
     tall = not column_axes and x_bmn.shape[1] > x_bmn.shape[2]
     x = jnp.swapaxes(x_bmn, 1, 2) if tall else x_bmn
     total = (lambda v: jax.lax.psum(v, column_axes)) if column_axes else (lambda v: v)  # noqa: E731
-    x = x / (jnp.sqrt(total(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))) + eps)
+    norm = jnp.sqrt(total(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2), keepdims=True)))
+    x = (x / (norm + eps)).astype(x_bmn.dtype)  # the norm in float32 whatever x's dtype
     rows = x.shape[1] // r if column_axes and x.shape[1] % r == 0 else 0
 
     def step(x, c):
@@ -161,10 +162,11 @@ def _groups(dims, specs, xs, mesh) -> list:
 
 
 def scale_by_muon(dims, coeffs, beta: float, consistent_rms: float, eps: float = 1e-8,
-                  specs=None, mesh=None) -> optax.GradientTransformation:
+                  specs=None, mesh=None, dtype: str | None = None) -> optax.GradientTransformation:
     """Muon's direction for the leaves with MuonDimensionNumbers in `dims` (a tree like the
     updates): Nesterov momentum, orthogonalisation, RMS rescaling. `specs`: the leaves'
-    PartitionSpecs on `mesh` (None: unsharded)."""
+    PartitionSpecs on `mesh` (None: unsharded). `dtype`: of the orthogonalisation (None: the
+    updates'); the direction comes back in the updates' dtype."""
     coeffs = jnp.asarray(coeffs, jnp.float32)
     is_dims = lambda d: isinstance(d, MuonDimensionNumbers)  # noqa: E731
 
@@ -183,7 +185,8 @@ def scale_by_muon(dims, coeffs, beta: float, consistent_rms: float, eps: float =
         def direction(x, d, spec):
             _, red, cols = _axes(d, x.ndim)
             fan_in, fan_out = (math.prod(x.shape[a] for a in axes) for axes in (red, cols))
-            return orthogonalize(x, d, state.ns_coeffs, eps, spec, mesh) * (math.sqrt(max(fan_in, fan_out)) * consistent_rms)
+            y = orthogonalize(x.astype(dtype or x.dtype), d, state.ns_coeffs, eps, spec, mesh).astype(x.dtype)
+            return y * (math.sqrt(max(fan_in, fan_out)) * consistent_rms)
 
         flat_dims, treedef = jax.tree.flatten(dims, is_leaf=lambda d: d is None or is_dims(d))
         out = treedef.flatten_up_to(mu_hat)  # AdamW leaves (None: masked out by optax.partition) as they are

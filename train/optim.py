@@ -94,7 +94,8 @@ def make_optimizer(cfg, steps: int, params: nnx.State, mesh=None, rules=None) ->
         if mesh is not None:
             specs = nest({path: rules.spec(_names(var)) for path, var in nnx.to_flat_state(params)})
         muon = optax.chain(
-            scale_by_muon(muon_partition(params), NS_COEFFS, cfg.muon_momentum, cfg.muon_rms, specs=specs, mesh=mesh),
+            scale_by_muon(muon_partition(params), NS_COEFFS, cfg.muon_momentum, cfg.muon_rms, specs=specs, mesh=mesh,
+                          dtype=cfg.muon_dtype),
             optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_learning_rate(lr))
         labels = nest({path: "adamw" if muon_dims(path, _names(var)) is None else "muon"
                        for path, var in nnx.to_flat_state(params)})
