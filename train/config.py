@@ -72,8 +72,9 @@ class OptimConfig(_Section):
     muon_momentum: float = 0.95
     muon_rms: float = 0.18  # RMS that Muon's orthogonalised update is scaled to
     # dtype of Muon's Newton-Schulz (and of its all_to_all exchange on a mesh); the update comes
-    # back in the gradients' dtype. bfloat16: Muon's usual precision, the matrix units' full rate
-    # on GPU / TPU (float32 runs there on TF32 / multi-pass bf16); float32 is faster on CPUs
+    # back in the gradients' dtype. bfloat16: Muon's usual precision (coefficients rounded to
+    # bf16 too); GPUs run float32 GEMMs on TF32 cores at half the bf16 rate, and on a mesh it
+    # halves the bytes exchanged; float32 (default) is faster on CPUs
     muon_dtype: str = "float32"
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     warmup_steps: int = 20
