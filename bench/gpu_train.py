@@ -29,6 +29,9 @@ MODEL = ["model.preset=v4-flash", "model.dim=2048", "model.n_layers=12", "model.
          "model.q_lora_rank=768", "model.o_groups=4", "model.o_lora_rank=512",
          "model.compress_ratios=[0,0,4,128,4,128,4,128,4,128,4,128]", "model.n_routed_experts=32",
          "model.moe_inter_dim=1408", "model.index_n_heads=16", "model.index_topk=256", "model.n_hash_layers=2",
+         # the loss head's float32 logits 1/8 of the vocabulary at a time, as the pod configs
+         # (with all of it at once, logits and their gradient took 31.6 GiB on an H200)
+         "model.head_chunks=8",
          # plain bf16 (the preset's quantisation-aware training would add its rounding ops)
          "model.quant_matmul=none", "model.quant_experts=none", "model.quant_kv=none", "model.quant_indexer=none"]
 # the CPU check of this script: tiny's widths, one CSA layer, no MTP block (a 7 s compile)

@@ -11,6 +11,10 @@
   sharded like the parameters. A rematerialised block recomputes its forward during the
   backward: one block's residuals (the remat-none residuals over the layer count) are added as
   the working set. Activations sharded over `tensor` are counted whole (an upper bound).
+- The loss head's float32 logits of one vocabulary slice (model.head_chunks; split over
+  `tensor`) for the device's sequences, twice: the slice and, in the backward, its gradient
+  (train/step.py's head_ce recomputes them slice by slice; they are never residuals). On one
+  H200 (bench/gpu_train.py, head_chunks 1) they were 31.6 GiB of the 35.5 the estimate missed.
 - The gradients of the embedding and the head, full-size on every device before their
   reduce-scatter (a device's tokens touch every row), twice (the partial and the collective's
   buffer); the head's one vocabulary slice at a time (model.head_chunks): StateLayout.vocab_partials.
@@ -256,6 +260,7 @@ class Memory:
     seqs: float       # sequences per device per micro-batch
     partials: float   # full-size embedding / head gradients before their reduce-scatter
     exchange: float   # the expert-parallel MoE layer's backward: buffers, residuals, cotangents
+    logits: float     # the loss head's logits of one vocabulary slice and their gradient
 
     @property
     def arguments(self) -> float:
@@ -265,7 +270,7 @@ class Memory:
     @property
     def temporaries(self) -> float:
         """What the step allocates while it runs."""
-        return self.grads + self.saved + self.working + self.partials + self.exchange
+        return self.grads + self.saved + self.working + self.partials + self.exchange + self.logits
 
     @property
     def total(self) -> float:
@@ -281,6 +286,7 @@ class Memory:
                 ("batch (inputs, targets, segments, mask)", self.batch),
                 (f"activations kept (remat {m.remat}, {self.seqs:g} seq x {run_cfg.data.seq_len})", self.saved),
                 ("recompute working set + weight casts", self.working),
+                (f"loss head logits (vocab / {m.head_chunks}, + gradient)", self.logits),
                 ("embedding / head grads before reduce-scatter", self.partials),
                 ("expert-parallel MoE layer (exchange, backward)", self.exchange)]
 
@@ -299,7 +305,15 @@ def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory
     return Memory(state["params"], state["rest"], grads, state["opt"], batch, act.per_seq * seqs,
                   act.block * seqs + act.fixed * param_share, seqs,
                   layout.vocab_partials(mesh, run_cfg.model.head_chunks),
-                  exchange_bytes(run_cfg, sizes["expert"], seqs, sizes["tensor"]))
+                  exchange_bytes(run_cfg, sizes["expert"], seqs, sizes["tensor"]),
+                  head_logit_bytes(run_cfg.model, seqs * run_cfg.data.seq_len, sizes["tensor"]))
+
+
+def head_logit_bytes(cfg, tokens: float, tp: int = 1) -> float:
+    """Bytes of the loss head's float32 logits of one vocabulary slice for `tokens` tokens,
+    vocabulary split over `tp`, and of their gradient: train/step.py's head_ce makes them slice
+    by slice, forward and backward, and keeps none."""
+    return 2 * 4 * tokens * math.ceil(cfg.vocab_size / cfg.head_chunks / tp)
 
 
 def exchange_bytes(run_cfg, ep: int, seqs: float, tp: int = 1) -> int:

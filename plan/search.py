@@ -62,9 +62,12 @@ def why_not(run_cfg, mem: Memory, hbm: float) -> list[str]:
     rows = sorted(mem.rows(run_cfg), key=lambda r: -r[1])
     out = [f"needs {mem.total / GiB:.1f} GiB per device, over {FIT_FRACTION:.0%} of {hbm / GiB:.1f} GiB; "
            f"largest: {rows[0][0]} {rows[0][1] / GiB:.1f} GiB, {rows[1][0]} {rows[1][1] / GiB:.1f} GiB"]
-    act = mem.saved + mem.working
+    act = mem.saved + mem.working + mem.logits
     if act > mem.total / 2 and run_cfg.model.remat == "none":
         out.append("activations dominate: model.remat=full keeps only each block's input")
+    if mem.logits > mem.working:
+        out.append(f"the loss head's logits ({mem.logits / GiB:.1f} GiB): model.head_chunks divides them "
+                   "(vocabulary slices at a time)")
     micro = run_cfg.train.micro_batches
     free = FIT_FRACTION * hbm - (mem.total - act) - (mem.grads if micro == 1 else 0)  # + accumulator
     seqs = round(mem.seqs * micro)  # per device per step
