@@ -252,35 +252,43 @@ def test_packed_documents_do_not_see_each_other(tiny):
     assert not np.allclose(fwd(m, other_first, one)[:, 21:], fwd(m, ids, one)[:, 21:], atol=1e-3)
 
 
+def attention_step(cfg, ratio: int, dense_csa: bool = False, seed: int = 0):
+    """((output, indexer KL), gradients of parameters and input) of one attention layer of
+    ratio `ratio` on 64 tokens of two packed documents (40 + 24), loss mean(y^2) + KL."""
+    from model.attention import Attention
+    from model.layers import rope_angles
+
+    x = jax.random.normal(jax.random.key(seed), (2, 64, cfg.dim))
+    seg = jnp.concatenate([jnp.zeros((2, 40), jnp.int32), jnp.ones((2, 24), jnp.int32)], 1)
+    pos = jnp.arange(64)
+    angles = rope_angles(cfg, pos, True)
+
+    def loss(m, x):
+        y, (kl, _) = m(x, pos, angles, seg, dense_csa=dense_csa)
+        return jnp.mean(y ** 2) + kl, (y, kl)
+    step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, out), grads = step(Attention(cfg, ratio, nnx.Rngs(1)), x)
+    return out, jax.tree.leaves(nnx.to_pure_dict(grads[0])) + [grads[1]]
+
+
+def assert_same_step(got, want):
+    (y, kl), grads = want
+    (y_g, kl_g), grads_g = got
+    np.testing.assert_allclose(y_g, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kl_g, kl, rtol=1e-5, atol=1e-6)
+    for g, gg in zip(grads, grads_g):
+        np.testing.assert_allclose(gg, g, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("ratio,dense_csa", [(4, False), (4, True), (16, False)], ids=["csa-topk", "csa-dense", "hca"])
 def test_query_chunks_equal_whole_sequence(ratio, dense_csa):
     """attn_query_chunk: one attention layer attending its queries 32 at a time (lax.map +
     remat) gives the whole-sequence output, indexer KL and gradients (parameters and input),
     with two packed documents."""
-    from model.attention import Attention
-    from model.layers import rope_angles
-
     cfg = preset("tiny")
-    x = jax.random.normal(jax.random.key(0), (2, 64, cfg.dim))
-    seg = jnp.concatenate([jnp.zeros((2, 40), jnp.int32), jnp.ones((2, 24), jnp.int32)], 1)
-    pos = jnp.arange(64)
-    angles = rope_angles(cfg, pos, True)
-
-    def run(c):
-        def loss(m, x):
-            y, (kl, _) = m(x, pos, angles, seg, dense_csa=dense_csa)
-            return jnp.mean(y ** 2) + kl, (y, kl)
-        step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-        (_, out), grads = step(Attention(c, ratio, nnx.Rngs(1)), x)
-        return out, jax.tree.leaves(nnx.to_pure_dict(grads[0])) + [grads[1]]
-
-    (y, kl), grads = run(cfg)
-    (y_c, kl_c), grads_c = run(cfg.replace(attn_query_chunk=32))
-    np.testing.assert_allclose(y_c, y, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(kl_c, kl, rtol=1e-5, atol=1e-6)
-    assert ratio != 4 or float(kl) > 0  # the indexer's KL term is live on CSA
-    for g, gc in zip(grads, grads_c):
-        np.testing.assert_allclose(gc, g, rtol=1e-4, atol=1e-6)
+    whole = attention_step(cfg, ratio, dense_csa)
+    assert ratio != 4 or float(whole[0][1]) > 0  # the indexer's KL term is live on CSA
+    assert_same_step(attention_step(cfg.replace(attn_query_chunk=32), ratio, dense_csa), whole)
 
 
 @pytest.mark.parametrize("chunk", [0, 32], ids=["whole", "chunked"])
@@ -288,30 +296,12 @@ def test_csa_mask_equals_gather(chunk):
     """model.csa_select: reading the top-k blocks through a mask over all of them gives the
     gathered top-k's output, indexer KL and gradients (parameters and input), with two packed
     documents and queries that see fewer than k blocks (no picks)."""
-    from model.attention import Attention, chosen
-    from model.layers import rope_angles
+    from model.attention import chosen
 
     cfg = preset("tiny", attn_query_chunk=chunk)
-    x = jax.random.normal(jax.random.key(3), (2, 64, cfg.dim))
-    seg = jnp.concatenate([jnp.zeros((2, 40), jnp.int32), jnp.ones((2, 24), jnp.int32)], 1)
-    pos = jnp.arange(64)
-    angles = rope_angles(cfg, pos, True)
-
-    def run(select):
-        def loss(m, x):
-            y, (kl, _) = m(x, pos, angles, seg)
-            return jnp.mean(y ** 2) + kl, (y, kl)
-        step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-        (_, out), grads = step(Attention(cfg.replace(csa_select=select), 4, nnx.Rngs(1)), x)
-        return out, jax.tree.leaves(nnx.to_pure_dict(grads[0])) + [grads[1]]
-
-    (y, kl), grads = run("gather")
-    (y_m, kl_m), grads_m = run("mask")
-    assert float(kl) > 0
-    np.testing.assert_allclose(y_m, y, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(kl_m, kl, rtol=1e-5, atol=1e-6)
-    for g, gm in zip(grads, grads_m):
-        np.testing.assert_allclose(gm, g, rtol=1e-4, atol=1e-6)
+    gather = attention_step(cfg.replace(csa_select="gather"), 4, seed=3)
+    assert float(gather[0][1]) > 0
+    assert_same_step(attention_step(cfg.replace(csa_select="mask"), 4, seed=3), gather)
     # the mask by hand: picks 2 and 0 of row 0, nothing on row 1 (-1), a repeated pick
     got = chosen(jnp.array([[[2, 0, -1], [-1, -1, -1], [3, 3, 1]]]), 4)
     assert np.array_equal(got, [[[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 1]]])
