@@ -85,7 +85,8 @@ def print_top_ops(trace_dir: str, steps: int, sources: dict, top: int = 30):
         print("the trace holds no device plane (on CPU, read the trace itself: " + trace_dir + ")")
         return
     total = sum(op[0] for op in ops.values())
-    print(f"\nbusiest device ops over {steps} traced step(s) ({read}); device busy {total / steps / 1e6:.1f} ms a step")
+    print(f"\nbusiest device ops over {steps} traced step(s) ({read}); device busy {total / steps / 1e6:.1f} ms a step; "
+          f"the trace: {trace_dir}")
     print("| ms / step | share | calls / step | kernel / op | jax source (library GEMMs have none) |")
     print("|---|---|---|---|---|")
     for name, (ns, calls) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
