@@ -334,3 +334,17 @@ def test_head_logits_against_the_compiler(chunks):
     want = head_logit_bytes(cfg, b * s)
     assert want == 2 * 4 * b * s * v // chunks
     assert want <= temp <= want + (2 * d * v * 4 if chunks > 1 else 0) + 256 * 1024
+
+
+def test_why_not_names_the_head_logits():
+    """When the loss head's logits dominate an estimate over budget, why_not names
+    model.head_chunks, and counts the logits with the activations a micro-batch divides (hand
+    numbers: 15 GiB needed of 9 usable, 12 of them per-sequence; 4 micro-batches leave 3)."""
+    g = P.GiB
+    cfg = load_run_config(TINY, [])
+    mem = P.Memory(params=g, rest=0, grads=g, opt=g, batch=0, saved=g, working=g, seqs=4, partials=0, exchange=0,
+                   logits=10 * g)
+    lines = P.why_not(cfg, mem, 10 * g)
+    assert lines[0].startswith("needs 15.0 GiB per device") and "loss head logits" in lines[0]
+    assert any("model.head_chunks" in line for line in lines)
+    assert any("train.micro_batches=4" in line for line in lines)
