@@ -9,7 +9,8 @@ parameters. bfloat16 compute, float32 parameters, Muon, remat full, the real tra
 `python -m train` (model.moe_impl auto: tokamax or batched on GPU, megablox on TPU). MFU counts
 model.flops_per_token x the remat factor against the chip's dense bf16 peak (plan/chips.yaml's
 catalogue, by device kind; --peak overrides). --tiny runs a small shape anywhere (how the test
-suite checks this script on CPU). --profile N traces N more steps with jax.profiler and prints the
+suite checks this script on CPU). The planner's estimate of the run (python -m plan) is printed
+next to the compiler's total. --profile N traces N more steps with jax.profiler and prints the
 device's busiest kernels (ms per step, calls, the jax op an XLA fusion came from).
 """
 from __future__ import annotations
@@ -94,6 +95,16 @@ def print_top_ops(trace_dir: str, steps: int, sources: dict, top: int = 30):
               f"{sources.get(name, '')[-110:]} |")
 
 
+def planner_estimate(run_cfg, rules, platform: str) -> float:
+    """The planner's per-device bytes for this one-device run (plan/memory.py), printed next to
+    the compiler's: every GPU run checks the estimate."""
+    from plan import StateLayout, activations, estimate
+
+    layout = StateLayout(run_cfg, rules)
+    act = activations(run_cfg, layout, platform)
+    return estimate(run_cfg, layout, act, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}).total
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -141,6 +152,10 @@ def main(argv=None) -> int:
         if mem is not None:
             print(f"compiled in {time.perf_counter() - t:.1f} s: {mem.argument_size_in_bytes / 2**30:.2f} GiB "
                   f"arguments + {mem.temp_size_in_bytes / 2**30:.2f} GiB temporaries", flush=True)
+            compiled = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+            planned = planner_estimate(run_cfg, rules, device.platform)
+            print(f"planner estimate (python -m plan): {planned / 2**30:.2f} GiB, {planned / compiled - 1:+.0%} "
+                  "against the compiled total", flush=True)
         t = time.perf_counter()
         for _ in range(args.warmup):
             state, metrics = step(state, batch)

@@ -14,6 +14,7 @@ def test_gpu_bench_script_runs_tiny(capsys):
                      "--profile", "1"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "MFU" in out and "of 0.07 TFLOP/s" in out  # the CPU's bf16 rate
+    assert "planner estimate (python -m plan)" in out and "against the compiled total" in out
     assert "the trace holds no device plane" in out  # --profile traced a step; CPUs have no device plane
     # kernel names map to their jax source: XLA:GPU names a fusion's kernel after its instruction
     hlo = '  %input_scatter_fusion.39 = f32[8]{0} fusion(%p), kind=kInput, metadata={op_name="jit(step)/scatter-add"}'
