@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 quiet() { grep -v '^[WIE][0-9]\{4\} ' || true; }  # absl's log lines
+# the project's own dependencies (a GPU image may hold jax and flax but not these): say which
+missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('jax', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'yaml') if u.find_spec(m.split('.')[0]) is None))")
+if [ -n "$missing" ]; then
+    echo "bench/gpu.sh: not installed here: $missing (pip install -e . installs them)" >&2
+    exit 1
+fi
 if [ "${TINY:-0}" = 1 ]; then
     shapes="1024,256,256,8"; train=(--tiny --batch 2 --seq 64 --steps 2 --warmup 1)
 else
