@@ -30,7 +30,7 @@ F32 = jnp.float32
 # gathered [B, S, k, head_dim] entries took 220 ms per CSA layer, 25% of the step, and the
 # forward gather 28 ms more; by FLOP count the mask's extra logits ((T - k) / k times the
 # selected ones') cost ~6 ms a layer there (not yet measured). On this project's 2-core CPU the
-# two are within 4% (small, shape, tiny). Long contexts (T / k in the hundreds at 1M tokens) gather.
+# two are within 2% (small, shape, tiny). Long contexts (T / k in the hundreds at 1M tokens) gather.
 CSA_MASK_MAX = 16
 
 
