@@ -97,9 +97,16 @@ def print_top_ops(trace_dir: str, steps: int, sources: dict, top: int = 30):
 
 def planner_estimate(run_cfg, rules, platform: str) -> float:
     """The planner's per-device bytes for this one-device run (plan/memory.py), printed next to
-    the compiler's: every GPU run checks the estimate."""
+    the compiler's: every GPU run checks the estimate. The grouped matmul traced is the one this
+    host runs (auto resolved here: batched on a GPU without tokamax), not the planner's guess
+    for a remote target."""
+    import dataclasses
+
+    from model.gmm import choose_impl
     from plan import StateLayout, activations, estimate
 
+    model = run_cfg.model.replace(moe_impl=choose_impl(run_cfg.model.moe_impl, platform))
+    run_cfg = dataclasses.replace(run_cfg, model=model)
     layout = StateLayout(run_cfg, rules)
     act = activations(run_cfg, layout, platform)
     return estimate(run_cfg, layout, act, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}).total

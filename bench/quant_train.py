@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
     from train.host import tune_malloc
@@ -29,7 +30,6 @@ import statistics
 import subprocess
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUANT = ["model.quant_matmul=fp8", "model.quant_experts=fp4", "model.quant_kv=fp8",
          "model.quant_indexer=fp4", "model.quant_block=16", "model.quant_fp4_block=32",
          "model.quant_kv_block=8"]

@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
     from train.host import tune_malloc
@@ -51,7 +52,6 @@ from parallel import MeshConfig, Rules, make_mesh, sharded  # noqa: E402
 from train.config import load_run_config  # noqa: E402
 from train.setup import setup  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = ("shape", "small", ["model.dim=256", "model.n_layers=4", "model.compress_ratios=[0,4,16,4]",
                             "model.n_routed_experts=8", "model.n_activated_experts=2"], 2, 256)
 

@@ -230,11 +230,12 @@ class Attention(nnx.Module):
         out = {}
         if self.indexer is not None:
             scores = self.indexer.score(per_q["index_q"], per_q["index_w"], shared["index_keys"], vis)
-        dense = self.indexer is None or dense_csa
-        if not dense:
+        if self.indexer is None or dense_csa:
+            mask = vis                                                        # [B, S, T]
+        else:
             idx = self.indexer.select(scores)                                 # [B, S, k]
-        if dense or self.select_by_mask(ckv.shape[1], idx.shape[-1]):
-            mask = vis if dense else chosen(idx, ckv.shape[1])                # [B, S, T]
+            mask = chosen(idx, ckv.shape[1]) if self.select_by_mask(ckv.shape[1], idx.shape[-1]) else None
+        if mask is not None:
             logits = jnp.einsum("bshk,btk->bsht", q, ckv, preferred_element_type=F32) * scale
             out["logits"] = jnp.where(mask[:, :, None, :], logits, -jnp.inf)
             out["combine"] = lambda p: jnp.einsum("bshj,bjk->bshk", p, ckv, preferred_element_type=F32)
