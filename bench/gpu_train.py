@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     print(f"device: {device.device_kind} ({device.platform}); model: {counts['total'] / 1e9:.2f}B parameters, "
           f"{counts['active'] / 1e9:.2f}B active, batch {args.batch} x {args.seq}", flush=True)
     mesh = make_mesh(MeshConfig(data=1), cfg, devices=[device], global_batch=args.batch)
-    rules = Rules(run_cfg.rules)
+    rules = Rules.of_run(run_cfg)
     state, shardings, step_fn = setup(run_cfg, mesh, rules)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
     ones = np.ones((args.batch, args.seq), np.int32)

@@ -109,7 +109,7 @@ def ours(run_cfg, devices, tokens):
     # FSDP: parameters and optimiser state split 8 ways (a data=8 copy of `small` per emulated
     # device does not fit this machine's 24 GB); the batch is split over fsdp as over data
     mesh = make_mesh(MeshConfig(data=1, fsdp=len(devices)), cfg, devices=devices, global_batch=tokens.shape[0])
-    rules = Rules(run_cfg.rules)
+    rules = Rules.of_run(run_cfg)
     state, shardings, step_fn = setup(run_cfg, mesh, rules)
     ones = np.ones(tokens[:, 1:].shape, np.int32)
     local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,

@@ -381,8 +381,7 @@ def load_pretrained(path, mesh=None, rules=None, hold: bool = False, **overrides
             rules = Rules()
 
         def place(v, fill):
-            names = v.get_metadata().get("out_sharding") or ()
-            sharding = jax.sharding.NamedSharding(mesh, rules.spec(names))
+            sharding = jax.sharding.NamedSharding(mesh, rules.var_spec(v))
             # each process builds only its devices' slices: works on multi-host meshes too
             return jax.make_array_from_callback(v.get_value().shape, sharding, fill)
     where, files = _shard_files(path)

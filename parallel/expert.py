@@ -71,6 +71,19 @@ def capacity(pairs: int, ep: int, capacity_factor: float | None) -> int:
     return max(1, min(pairs, math.ceil(capacity_factor * pairs / ep)))
 
 
+# the experts' and the shared expert's matrices (w1, w3, w2 each): logical names, embed dimension
+WEIGHT_NAMES = (("experts", "embed", "expert_mlp"),) * 2 + (("experts", "expert_mlp", "embed"),
+                                                           ("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed"))
+WEIGHT_EMBED_DIM = (1, 1, 2, 0, 0, 1)
+
+
+def _gather(w, dim: int, axes: tuple[str, ...]):
+    """Inside shard_map: w whole along `dim` (gathered over `axes`, the mesh axes splitting it)."""
+    for a in axes:
+        w = jax.lax.all_gather(w, a, axis=dim, tiled=True)
+    return w
+
+
 class ExpertParallel:
     """The `experts` hook of model.layers.Hooks for a mesh and a rules table."""
 
@@ -80,7 +93,7 @@ class ExpertParallel:
         self.transport = choose_transport(transport, self.platform)
         self.capacity_factor = capacity_factor
         w13 = rules.spec(("experts", "embed", "expert_mlp"))
-        self.ep_axes, self.gather_axes, self.tp_axes = (_axes(a) for a in w13)
+        self.ep_axes, _, self.tp_axes = (_axes(a) for a in w13)
         self.batch_axes = _axes(rules.table["batch"])
         if not set(self.ep_axes) <= set(self.batch_axes):
             raise ConfigError(f"rules.experts: expert axes {self.ep_axes} must also shard the batch "
@@ -88,34 +101,29 @@ class ExpertParallel:
         self.ep = math.prod(mesh.shape[a] for a in self.ep_axes)
         # collectives over axes of size 1 are copies (XLA:CPU gathered every expert matrix into
         # a new layout each step on a 1-device mesh): left out
-        self.gather_axes, self.tp_axes, self.sum_axes = (
-            tuple(a for a in axes if mesh.shape[a] > 1) for axes in (self.gather_axes, self.tp_axes, self.batch_axes))
+        self.tp_axes, self.sum_axes = (
+            tuple(a for a in axes if mesh.shape[a] > 1) for axes in (self.tp_axes, self.batch_axes))
 
     def __call__(self, moe, x_BSD, idx_BSk, wts_BSk):
         rules = self.rules
         tok = rules.spec(("batch", None, None))
-        specs = (tok, tok, tok,
-                 rules.spec(("experts", "embed", "expert_mlp")), rules.spec(("experts", "embed", "expert_mlp")),
-                 rules.spec(("experts", "expert_mlp", "embed")),
-                 rules.spec(("embed", "mlp")), rules.spec(("embed", "mlp")), rules.spec(("mlp", "embed")))
-        body = lambda *a: self._body(moe, *a)  # noqa: E731
+        # weights as the matmuls see them (fake-quantised per the model's quant_* fields), each
+        # placed as its parameter is (a small one may be whole over fsdp: rules.param_spec)
+        weights = (*moe.expert_weights(), moe.shared_w1.weight(), moe.shared_w3.weight(), moe.shared_w2.weight())
+        specs = tuple(rules.param_spec(names, w.shape) for names, w in zip(WEIGHT_NAMES, weights))
+        gathers = tuple(tuple(a for a in _axes(spec[dim]) if self.mesh.shape[a] > 1)
+                        for spec, dim in zip(specs, WEIGHT_EMBED_DIM))
+        body = lambda *a: self._body(moe, gathers, *a)  # noqa: E731
         if self.mesh.size > 1:  # (on one device shard_map's backward adds copies: psums of size 1)
-            body = jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=(tok, P()), check_vma=False)
-        # weights as the matmuls see them (fake-quantised per the model's quant_* fields)
-        return body(x_BSD, idx_BSk, wts_BSk, *moe.expert_weights(),
-                    moe.shared_w1.weight(), moe.shared_w3.weight(), moe.shared_w2.weight())
+            body = jax.shard_map(body, mesh=self.mesh, in_specs=(tok, tok, tok, *specs), out_specs=(tok, P()),
+                                 check_vma=False)
+        return body(x_BSD, idx_BSk, wts_BSk, *weights)
 
-    def _gather(self, w, dim):
-        for a in self.gather_axes:
-            w = jax.lax.all_gather(w, a, axis=dim, tiled=True)
-        return w
-
-    def _body(self, moe, x, idx, wts, w1, w3, w2, sw1, sw3, sw2):
+    def _body(self, moe, gathers, x, idx, wts, *weights):
         cfg = moe.cfg
         b, s, d = x.shape
         dt = jnp.dtype(cfg.dtype)
-        w1, w3, w2 = self._gather(w1, 1), self._gather(w3, 1), self._gather(w2, 2)
-        sw1, sw3, sw2 = self._gather(sw1, 0), self._gather(sw3, 0), self._gather(sw2, 1)
+        w1, w3, w2, sw1, sw3, sw2 = (_gather(w, dim, axes) for w, dim, axes in zip(weights, WEIGHT_EMBED_DIM, gathers))
         xf = x.reshape(b * s, d)
         impl = choose_impl(cfg.moe_impl, self.platform)
         experts = lambda xs, e, valid: self._local_experts(moe, impl, xs, e, valid, w1, w3, w2, dt)  # noqa: E731

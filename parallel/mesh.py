@@ -32,7 +32,9 @@ BATCH_AXES = ("data", "fsdp", "expert")
 @dataclass(frozen=True)
 class MeshConfig:
     """Per-axis sizes within a slice (-1: all remaining devices, at most one axis) and, for
-    multi-slice jobs, per-axis factors across slices. Axis size = ici size * dcn size."""
+    multi-slice jobs, per-axis factors across slices. Axis size = ici size * dcn size.
+    fsdp_min_size: parameters whose one layer has fewer elements stay whole over fsdp
+    (parallel/rules.py Rules.param_spec; 0 splits every parameter that has an fsdp dimension)."""
     data: int = -1
     fsdp: int = 1
     expert: int = 1
@@ -41,6 +43,11 @@ class MeshConfig:
     dcn_fsdp: int = 1
     dcn_expert: int = 1
     dcn_tensor: int = 1
+    fsdp_min_size: int = 65536
+
+    def __post_init__(self):
+        if self.fsdp_min_size < 0:
+            raise ConfigError(f"mesh.fsdp_min_size: must be >= 0, got {self.fsdp_min_size}")
 
     @classmethod
     def from_dict(cls, d) -> "MeshConfig":

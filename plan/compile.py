@@ -36,7 +36,7 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg, dump: str | None = N
     except RuntimeError as e:
         raise ImportError(f"libtpu could not describe {topo.tpu_name}: {str(e).splitlines()[0]}") from e
     mesh = make_mesh(mesh_cfg, run_cfg.model, devices=devices, global_batch=run_cfg.data.global_batch)
-    rules = Rules(run_cfg.rules)
+    rules = Rules.of_run(run_cfg)
     state = layout.abstract(mesh)
     seq = jax.ShapeDtypeStruct((run_cfg.data.global_batch, run_cfg.data.seq_len), jnp.int32,
                                sharding=NamedSharding(mesh, rules.spec(("batch", None))))

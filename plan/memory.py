@@ -106,7 +106,7 @@ class StateLayout:
             if "vocab" not in names:
                 continue
             x = var.get_value()
-            spec = tuple(self.rules.spec(names))
+            spec = tuple(self.rules.var_spec(var))
             split = math.prod(mesh.shape[a] for e in spec for a in ((e,) if isinstance(e, str) else e or ())
                               if a not in BATCH_AXES)
             split *= head_chunks if path[0] == "head" else 1
@@ -240,7 +240,7 @@ def import_host_bytes(params, rules, mesh, local_devices: int) -> tuple[int, int
     for _, v in nnx.to_flat_state(params):
         x = v.get_value()
         names = v.get_metadata().get("out_sharding") or (None,) * x.ndim
-        local = NamedSharding(mesh, rules.spec(names)).shard_shape(x.shape)
+        local = NamedSharding(mesh, rules.var_spec(v)).shard_shape(x.shape)
         shard = max(shard, math.prod(local) * x.dtype.itemsize)
         source = max(source, 4 * math.prod(n for n, a in zip(x.shape, names) if a not in STACKED))
     return shard, source

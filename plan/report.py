@@ -45,7 +45,7 @@ def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: boo
         if problem:
             out(f"mesh: {_mesh_text(sizes)} cannot run this config: {problem}")
             return 1
-    layout = StateLayout(run_cfg, Rules(run_cfg.rules))
+    layout = StateLayout(run_cfg, Rules.of_run(run_cfg))
     act = activations(run_cfg, layout, topo.platform)
     budget, other = FIT_FRACTION * chip.hbm, None
     if mesh_cfg is None:

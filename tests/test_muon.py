@@ -66,17 +66,22 @@ def test_equals_optax_muon(tiny):
     assert checked > 20
 
 
-MESHES = [dict(fsdp=8), dict(fsdp=2, expert=2, tensor=2), dict(data=2, fsdp=4), dict(expert=4, tensor=2)]
+# (mesh axes, mesh.fsdp_min_size): the last keeps tiny's matrices below 4096 elements a layer
+# whole over fsdp (its stacked groups split among the replicas), the others split them
+MESHES = [(dict(fsdp=8), 0), (dict(fsdp=2, expert=2, tensor=2), 0), (dict(data=2, fsdp=4), 0),
+          (dict(expert=4, tensor=2), 0), (dict(fsdp=8), 4096)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("axes", MESHES, ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()))
-def test_sharded_equals_unsharded(tiny, axes):
+@pytest.mark.parametrize("axes, min_size", MESHES,
+                         ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()) if isinstance(a, dict) else f"min{a}")
+def test_sharded_equals_unsharded(tiny, axes, min_size):
     cfg, params, pure, grads, want = tiny
     mesh = make_mesh(MeshConfig.from_dict({"data": 1, **axes}), cfg.model)
-    rules = Rules()
-    shard = nest({path: NamedSharding(mesh, rules.spec(var.get_metadata()["out_sharding"]))
-                  for path, var in nnx.to_flat_state(params)})
+    rules = Rules(fsdp_min_size=min_size)
+    shard = nest({path: NamedSharding(mesh, rules.var_spec(var)) for path, var in nnx.to_flat_state(params)})
+    if min_size:  # both placements occur
+        assert {"fsdp" in str(s.spec) for s in jax.tree.leaves(shard)} == {True, False}
     placed = jax.device_put(pure, shard)
     tx = make_optimizer(cfg.optim, cfg.train.steps, params, mesh=mesh, rules=rules)
     got = run(tx, placed, [jax.device_put(g, shard) for g in grads], shard)
@@ -93,8 +98,9 @@ def test_replicas_share_the_newton_schulz(shape, spec, whole, share):
     fsdp exchange and the `share` replicas split their columns and the rows of A A: per step
     and matrix a device does (4 m^2 n + 2 m^3) / share FLOPs (counted in the compiled program by
     plan.hlo_flops; without the sharing every replica did all of it), and the result equals
-    the unsharded computation. Below train.muon.SHARE_MIN elements (the default) a matrix is
-    not shared: every replica does all of it."""
+    the unsharded computation. Below train.muon.SHARE_MIN elements (the default) the replicas
+    split the stack instead: each orthogonalises whole / share of the matrices (the same FLOPs,
+    one all_gather instead of one per iteration); a lone matrix there is done by every replica."""
     from jax.sharding import NamedSharding
 
     from plan.flops import hlo_flops
@@ -109,11 +115,17 @@ def test_replicas_share_the_newton_schulz(shape, spec, whole, share):
     flops, unknown = hlo_flops(fn.lower(placed).compile().as_text())
     m, n = 64, 96
     assert unknown == 0 and flops == whole * len(NS_COEFFS) * (4 * m * m * n + 2 * m ** 3) / share
-    alone = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8, spec, mesh))  # 64 x 96 < SHARE_MIN
-    flops, _ = hlo_flops(alone.lower(placed).compile().as_text())
-    assert flops == whole * len(NS_COEFFS) * (4 * m * m * n + 2 * m ** 3)
+    split = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8, spec, mesh))  # 64 x 96 < SHARE_MIN
+    flops, _ = hlo_flops(split.lower(placed).compile().as_text())
+    assert flops == whole * len(NS_COEFFS) * (4 * m * m * n + 2 * m ** 3) / share
     want = jax.jit(lambda a: orthogonalize(a, dims, coeffs, 1e-8))(x)
     np.testing.assert_allclose(fn(placed), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split(placed), want, rtol=1e-5, atol=1e-6)
+    one = jax.device_put(x[0], NamedSharding(mesh, P(*spec[1:])))
+    lone = jax.jit(lambda a: orthogonalize(a, MuonDimensionNumbers(0, 1), coeffs, 1e-8, P(*spec[1:]), mesh))
+    flops, _ = hlo_flops(lone.lower(one).compile().as_text())
+    assert flops == len(NS_COEFFS) * (4 * m * m * n + 2 * m ** 3)
+    np.testing.assert_allclose(lone(one), want[0], rtol=1e-5, atol=1e-6)
 
 
 def test_newton_schulz_in_bfloat16(tiny):

@@ -85,6 +85,43 @@ def test_sharded_forward_and_gradients_equal_single_device(reference, axes):
     assert total < 1e-5 and errs[worst] < 1e-5, (describe(mesh), total, worst, errs[worst])
 
 
+def test_rules_keep_small_parameters_whole_over_fsdp():
+    """mesh.fsdp_min_size: a parameter whose one layer (its shape without the `layers`
+    dimension) has fewer elements loses only the fsdp axis of its PartitionSpec."""
+    rules = Rules({"embed": ["fsdp", "expert"]}, fsdp_min_size=4096)
+    assert rules.param_spec(("layers", "embed", "heads"), (3, 64, 32)) == P(None, "expert", "tensor")  # 2048
+    assert rules.param_spec(("layers", "embed", "heads"), (3, 64, 64)) == P(None, ("fsdp", "expert"), "tensor")
+    assert Rules(fsdp_min_size=4096).param_spec(("embed",), (64,)) == P(None)
+    assert Rules().param_spec(("embed",), (64,)) == P("fsdp")
+    with pytest.raises(ConfigError, match="mesh.fsdp_min_size: must be >= 0"):
+        MeshConfig(fsdp_min_size=-1)
+
+
+@pytest.mark.slow
+def test_small_parameters_whole_over_fsdp_equal_single_device(reference):
+    """fsdp=8 with the parameters below 4096 elements a layer whole over fsdp (the rest split,
+    the expert layer's shard_map reading each weight where it lies): the forward and gradients
+    equal one device's, and the step has fewer all-gathers than with every parameter split."""
+    cfg, ids, ref_logits, ref_grads = reference
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8), cfg, global_batch=BATCH)
+    gathers = {}
+    for rules in (Rules(), Rules(fsdp_min_size=4096)):
+        m = place(build(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+        x = jax.device_put(ids, NamedSharding(mesh, rules.spec(("batch", None))))
+        with sharded(mesh, rules):
+            step = nnx.jit(grad_step)
+            gathers[rules.fsdp_min_size] = step.lower(m, x).compile().as_text().count(" all-gather(")
+            if rules.fsdp_min_size:
+                (_, logits), grads = step(m, x)
+    placed = {"fsdp" in str(a.sharding.spec) for a in jax.tree.leaves(nnx.state(m, nnx.Param))}
+    assert placed == {True, False}
+    assert gathers[4096] < gathers[0], gathers
+    assert float(jnp.abs(logits - ref_logits).max() / jnp.abs(ref_logits).max()) < 1e-5
+    total, errs = grad_errors(grads, ref_grads)
+    worst = max(errs, key=errs.get)
+    assert total < 1e-5 and errs[worst] < 1e-5, (total, worst, errs[worst])
+
+
 @pytest.mark.parametrize("axes", [MESHES[3], MESHES[4]], ids=["d2e2t2", "f2e4"])
 def test_create_sharded_initialises_in_place_the_single_device_values(reference, axes):
     """The jitted initialiser writes each parameter straight into the shards the rules name,

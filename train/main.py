@@ -242,7 +242,7 @@ def _prepare(cfg, main_process: bool, say):
         raise ConfigError(f"data.tokenizer: its {corpus['vocab_size']} ids do not fit "
                           f"model.vocab_size={cfg.model.vocab_size}")
     say(f"mesh {describe(mesh)} on {len(jax.devices())} {jax.devices()[0].platform} devices; corpus {corpus}")
-    return mesh, Rules(cfg.rules), eval_batches(cfg)
+    return mesh, Rules.of_run(cfg), eval_batches(cfg)
 
 
 def _initial_state(cfg, mesh, rules, ckpt, say):

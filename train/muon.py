@@ -97,18 +97,21 @@ def orthogonalize(x, dims: MuonDimensionNumbers, coeffs, eps: float, spec: P | N
     mat_axes = [as_tuple(entries[i]) for i in red + out]  # mesh axes of each matrix dim, major first
     used = {a for e in entries for a in as_tuple(e)}
     big = math.prod(x.shape[i] for i in red + out) >= share_min
-    replicas = tuple(a for a in (mesh.axis_names if mesh is not None and big else ())
-                     if a not in used and mesh.shape[a] > 1)
-    local = lambda xb: _whole_matrices(xb, batch, red, out, coeffs, eps, mat_axes, replicas, mesh)  # noqa: E731
-    if mesh is None or not (any(mat_axes) or replicas):
+    free = tuple(a for a in (mesh.axis_names if mesh is not None else ()) if a not in used and mesh.shape[a] > 1)
+    stacked = math.prod(x.shape[i] for i in batch) > 1
+    replicas = free if big else ()
+    split = free if stacked and not big else ()  # small stacked matrices: the replicas split the stack
+    local = lambda xb: _whole_matrices(xb, batch, red, out, coeffs, eps, mat_axes, replicas, split, mesh)  # noqa: E731
+    if mesh is None or not (any(mat_axes) or replicas or split):
         return local(x)
     return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)
 
 
-def _whole_matrices(x, batch, red, out, coeffs, eps, mat_axes, replicas, mesh):
+def _whole_matrices(x, batch, red, out, coeffs, eps, mat_axes, replicas, split, mesh):
     """x's (local) matrices -> [b, matrix dims...]; all_to_all over each mesh axis sharding a
     matrix dim (splitting b, completing that dim); Newton-Schulz, each of the `replicas` taking
-    1/r of every matrix's long dimension; the inverse exchanges."""
+    1/r of every matrix's long dimension, or each device along `split` 1/r of the matrices; the
+    inverse exchanges."""
     perm = batch + red + out
     xt = x.transpose(perm)
     batch_shape = xt.shape[:len(batch)]
@@ -122,7 +125,12 @@ def _whole_matrices(x, batch, red, out, coeffs, eps, mat_axes, replicas, mesh):
         xt = jax.lax.all_to_all(xt, a, 0, dim, tiled=True)
     m = math.prod(xt.shape[1:1 + len(red)])
     y = xt.reshape(xt.shape[0], m, -1)
-    y = _columns_shared(y, coeffs, eps, replicas, mesh) if replicas else newton_schulz(y, coeffs, eps)
+    if replicas:
+        y = _columns_shared(y, coeffs, eps, replicas, mesh)
+    elif split:
+        y = _stack_shared(y, coeffs, eps, split, mesh)
+    else:
+        y = newton_schulz(y, coeffs, eps)
     y = y.reshape(xt.shape)
     for dim, a in reversed(moves):
         y = jax.lax.all_to_all(y, a, dim, 0, tiled=True)
@@ -142,6 +150,18 @@ def _columns_shared(x, coeffs, eps, replicas, mesh):
     mine = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(replicas) * part, part, 2)
     y = jax.lax.all_gather(newton_schulz(mine, coeffs, eps, replicas, r), replicas, axis=2, tiled=True)[:, :, :n]
     return jnp.swapaxes(y, 1, 2) if tall else y
+
+
+def _stack_shared(x, coeffs, eps, axes, mesh):
+    """Newton-Schulz of the matrices x [b, m, n] that every device along `axes` holds: each
+    orthogonalises 1/r of them (zero matrices pad b; they stay zero) and an all_gather returns
+    all of them to every device."""
+    r, b = math.prod(mesh.shape[a] for a in axes), x.shape[0]
+    if b % r:
+        x = jnp.concatenate([x, jnp.zeros((r - b % r,) + x.shape[1:], x.dtype)])
+    k = x.shape[0] // r
+    mine = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axes) * k, k, 0)
+    return jax.lax.all_gather(newton_schulz(mine, coeffs, eps), axes, axis=0, tiled=True)[:b]
 
 
 def _groups(dims, specs, xs, mesh) -> list:

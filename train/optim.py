@@ -92,7 +92,7 @@ def make_optimizer(cfg, steps: int, params: nnx.State, mesh=None, rules=None) ->
     else:
         specs = None
         if mesh is not None:
-            specs = nest({path: rules.spec(_names(var)) for path, var in nnx.to_flat_state(params)})
+            specs = nest({path: rules.var_spec(var) for path, var in nnx.to_flat_state(params)})
         muon = optax.chain(
             scale_by_muon(muon_partition(params), NS_COEFFS, cfg.muon_momentum, cfg.muon_rms, specs=specs, mesh=mesh,
                           dtype=cfg.muon_dtype),

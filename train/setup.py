@@ -61,7 +61,7 @@ def restore_run(run_dir, overrides=()):
         "mesh.data=1", "mesh.fsdp=1", "mesh.expert=1", "mesh.tensor=1", "train.init_from=null"])
     mesh = make_mesh(MeshConfig(data=1), cfg.model, devices=jax.devices()[:1],
                      global_batch=cfg.data.global_batch)
-    target, _, _ = setup(cfg, mesh, Rules(cfg.rules), abstract=True)  # what training saves
+    target, _, _ = setup(cfg, mesh, Rules.of_run(cfg), abstract=True)  # what training saves
     ckpt = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), cfg.checkpoint, log=print)
     try:
         found = ckpt.restore_latest(target)
