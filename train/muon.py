@@ -137,17 +137,23 @@ def _whole_matrices(x, batch, red, out, coeffs, eps, mat_axes, replicas, split, 
     return y[:b].reshape(batch_shape + y.shape[1:]).transpose(tuple(perm.index(i) for i in range(x.ndim)))
 
 
+def _own_part(x, axis: int, axes, mesh):
+    """(this device's 1/r of x along `axis`, zero-padded to a multiple of the r devices along
+    `axes`; r; x's length there)."""
+    r, n = math.prod(mesh.shape[a] for a in axes), x.shape[axis]
+    if n % r:
+        x = jnp.pad(x, [(0, r - n % r if i == axis else 0) for i in range(x.ndim)])
+    part = x.shape[axis] // r
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axes) * part, part, axis), r, n
+
+
 def _columns_shared(x, coeffs, eps, replicas, mesh):
     """Newton-Schulz of the matrices x [b, m, n] that every device along `replicas` holds: each
     takes 1/r of the long dimension (zero-padded: zero columns stay zero), X X^T is summed over
     them, and the slices are gathered back."""
     tall = x.shape[1] > x.shape[2]
     x = jnp.swapaxes(x, 1, 2) if tall else x
-    r, n = math.prod(mesh.shape[a] for a in replicas), x.shape[2]
-    if n % r:
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, r - n % r)))
-    part = x.shape[2] // r
-    mine = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(replicas) * part, part, 2)
+    mine, r, n = _own_part(x, 2, replicas, mesh)
     y = jax.lax.all_gather(newton_schulz(mine, coeffs, eps, replicas, r), replicas, axis=2, tiled=True)[:, :, :n]
     return jnp.swapaxes(y, 1, 2) if tall else y
 
@@ -156,11 +162,7 @@ def _stack_shared(x, coeffs, eps, axes, mesh):
     """Newton-Schulz of the matrices x [b, m, n] that every device along `axes` holds: each
     orthogonalises 1/r of them (zero matrices pad b; they stay zero) and an all_gather returns
     all of them to every device."""
-    r, b = math.prod(mesh.shape[a] for a in axes), x.shape[0]
-    if b % r:
-        x = jnp.concatenate([x, jnp.zeros((r - b % r,) + x.shape[1:], x.dtype)])
-    k = x.shape[0] // r
-    mine = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axes) * k, k, 0)
+    mine, _, b = _own_part(x, 0, axes, mesh)
     return jax.lax.all_gather(newton_schulz(mine, coeffs, eps), axes, axis=0, tiled=True)[:b]
 
 
