@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-if __name__ == "__main__":  # glibc's malloc on transparent huge pages (train/host.py), before JAX
+if __name__ == "__main__":  # the block cache and glibc's huge pages (train/host.py), before JAX
     from train.host import tune_malloc
 
     tune_malloc()
@@ -231,8 +231,10 @@ def main():
           "HF: AdamW, CE only, eager attention and experts.")
     print(f"MFU = tokens/s x model.flops_per_token(cfg, S)['train'] / {peak:.2e} FLOP/s (this machine's "
           "float32 matmul rate, measured now: a jitted 2048 x 2048 product, best of 5).")
+    cache = "on" if "blockcache-" in os.environ.get("LD_PRELOAD", "") else "off"
     print("Page faults and kernel ms: the process's minor faults and system CPU time per step, mean "
-          f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}).\n")
+          f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}; block cache {cache}, train/host.py: "
+          "both frameworks' allocations in this process).\n")
     print("| preset | framework | params | tokens/step | step ms | tokens/s | MFU | ours / torch | page faults | kernel ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, fw, n, tokens, sec, tps, mfu, ratio, flt, sys_s in rows:

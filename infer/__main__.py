@@ -199,5 +199,5 @@ def _add(total, stats):
 if __name__ == "__main__":
     from train.host import tune_malloc
 
-    tune_malloc()  # glibc's malloc on transparent huge pages (train/host.py)
+    tune_malloc()  # the block cache and glibc huge pages for host allocations (train/host.py)
     sys.exit(main())

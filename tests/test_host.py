@@ -29,7 +29,8 @@ def test_tunables_add_huge_pages_where_given_on_request(tmp_path, mode, given, w
 def test_reexecutes_once_with_the_tunables_added():
     """The child restarts itself (same pid, same arguments) with GLIBC_TUNABLES extended and
     runs on with the user's value kept; a process started with them runs on at once."""
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")} | {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=4", "DEEPFLAX_BLOCK_CACHE": "0"}  # the cache: below
     code = ("import os, sys; print('start', os.getpid(), flush=True); from train.host import tune_malloc; "
             "tune_malloc(); print('run', os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
 
@@ -47,3 +48,92 @@ def test_reexecutes_once_with_the_tunables_added():
         assert len(starts) == 2 and starts[0] == starts[1] == ran[1] and ran[2] == want
         starts, ran = run(env | {"GLIBC_TUNABLES": want})
     assert len(starts) == 1 and ran[2] == want
+
+
+# --- the block cache (train/blockcache.c) ------------------------------------------------------
+MiB = 2 ** 20
+PROBE = """
+import ctypes, resource, sys
+libc = ctypes.CDLL(None)
+libc.malloc.restype = libc.realloc.restype = ctypes.c_void_p
+libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.free.argtypes = libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
+libc.malloc_usable_size.restype = ctypes.c_size_t
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def aligned(n):
+    p = ctypes.c_void_p()
+    assert libc.posix_memalign(ctypes.byref(p), 64, n) == 0
+    return p.value
+
+n = 64 << 20
+p = aligned(n)
+ctypes.memset(p, 7, n)
+libc.free(p)
+f0 = faults()
+q = aligned(n - 4096)  # a block a little smaller reuses the kept one
+ctypes.memset(q, 1, n - 4096)
+again = faults() - f0
+r = libc.malloc(n // 2)  # too small for a kept block of n (over 5/4): a block of its own
+grown = libc.realloc(q, 2 * n)  # a kept block grows by a copy
+kept = ctypes.string_at(grown, 8) + ctypes.string_at(grown + n - 4097, 1)
+small = libc.malloc(100)  # glibc's, untouched
+libc.free(small)
+print(p == q, again, r not in (p, q), r % (2 << 20) == 0, libc.malloc_usable_size(grown) >= 2 * n, kept == b"\\x01" * 9)
+libc.free(r)
+libc.free(grown)
+"""
+
+
+@pytest.fixture(scope="module")
+def block_cache(tmp_path_factory):
+    lib = host.block_cache_library(str(tmp_path_factory.mktemp("cache")))
+    if lib is None:
+        pytest.skip("no C compiler: the block cache is left out (train/host.py)")
+    return lib
+
+
+def probe(env):
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return [o == "True" if o in ("True", "False") else int(o) for o in out]
+
+
+def test_block_cache_hands_a_freed_block_out_again_resident(block_cache):
+    """With the library preloaded, a freed 64 MiB block comes back for the next request it fits
+    (same address, its pages resident: no page faults while it is filled again), a request under
+    4/5 of it gets a block of its own, realloc keeps the contents, small requests stay glibc's.
+    Without it, glibc maps the block afresh and the kernel faults every page in again."""
+    same, faults, other, aligned_2m, usable, kept = probe({"LD_PRELOAD": block_cache})
+    assert same and other and aligned_2m and usable and kept
+    assert faults < 8, faults  # 64 MiB fresh: 32 faults of 2 MiB at least
+    assert probe({"LD_PRELOAD": ""})[1] >= 32  # glibc: a fresh mapping
+    # kept blocks beyond the cap are unmapped on free: the next one faults again
+    same, faults, *_ = probe({"LD_PRELOAD": block_cache, "DEEPFLAX_BLOCK_CACHE_MAX_BYTES": "0"})
+    assert faults >= 32
+
+
+def test_preload_adds_the_block_cache_unless_told_not_to():
+    lib = lambda: "/c/blockcache-1.so"  # noqa: E731
+    assert host.preload({}, lib) == "/c/blockcache-1.so"
+    assert host.preload({"LD_PRELOAD": "/x.so"}, lib) == "/c/blockcache-1.so /x.so"  # the user's kept
+    assert host.preload({"LD_PRELOAD": "/c/blockcache-1.so"}, lib) == "/c/blockcache-1.so"  # once
+    assert host.preload({"DEEPFLAX_BLOCK_CACHE": "0", "LD_PRELOAD": "/x.so"}, lib) == "/x.so"
+    assert host.preload({"LD_PRELOAD": "/x.so"}, lambda: None) == "/x.so"  # cannot be built
+
+
+def test_reexecutes_with_the_block_cache_preloaded(tmp_path):
+    """tune_malloc builds the library into $XDG_CACHE_HOME/deepflax and restarts the process
+    with it in LD_PRELOAD (where a C compiler exists); the restarted process runs on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DEEPFLAX_BLOCK_CACHE")}
+    env |= {"XDG_CACHE_HOME": str(tmp_path), "GLIBC_TUNABLES": host.malloc_tunables(env)}
+    code = ("import os; print('start', flush=True); from train.host import tune_malloc; tune_malloc(); "
+            "print('run', os.environ.get('LD_PRELOAD', ''))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    lib = host.block_cache_library(str(tmp_path / "deepflax"))
+    if lib is None:
+        assert out.split() == ["start", "run"]
+    else:
+        assert out.split() == ["start", "start", "run", lib]
