@@ -7,8 +7,11 @@
    2-core machine. This library takes malloc / posix_memalign / aligned_alloc / memalign
    requests of at least DEEPFLAX_BLOCK_CACHE_MIN bytes (default 32 MiB) and, on free, keeps the block
    mapped (its pages stay resident) for the next request of a size it fits (block <= 5/4 of the
-   request). Everything else goes to glibc unchanged. Blocks kept unused beyond
+   request). A request that no kept block fits first unmaps unused blocks while a new one would
+   take the bytes mapped past their peak so far: the cache holds at most what was once in use at
+   the same time (sizes that never recur are not kept for long). Blocks kept unused beyond
    DEEPFLAX_BLOCK_CACHE_MAX_BYTES (default: half of physical memory) are unmapped on free.
+   Everything else goes to glibc unchanged.
 
    Blocks are 2 MiB-aligned mappings (transparent huge pages where the kernel gives them on
    request), so free() recognises a kept block with one test on the pointer before any lock:
@@ -35,10 +38,15 @@ extern void *__libc_realloc(void *, size_t);
 extern void *__libc_memalign(size_t, size_t);
 
 static struct { char *p; size_t n; int used; } slot[SLOTS];
-static size_t min_bytes = (size_t)32 << 20, max_unused, unused;
+static size_t min_bytes = (size_t)32 << 20, max_unused, unused, mapped, peak;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
+/* a child forked while another thread held the lock would find it held forever */
+static void lock(void) { pthread_mutex_lock(&mu); }
+static void unlock(void) { pthread_mutex_unlock(&mu); }
+
 __attribute__((constructor)) static void configure(void) {
+    pthread_atfork(lock, unlock, unlock);
     const char *e = getenv("DEEPFLAX_BLOCK_CACHE_MIN");
     if (e && *e) min_bytes = strtoull(e, NULL, 10);
     e = getenv("DEEPFLAX_BLOCK_CACHE_MAX_BYTES");
@@ -62,7 +70,7 @@ static char *map_aligned(size_t n) {  /* n: a multiple of ALIGN */
 static void *take(size_t want) {
     size_t n = (want + ALIGN - 1) & ~(ALIGN - 1);
     int best = -1, empty = -1;
-    pthread_mutex_lock(&mu);
+    lock();
     for (int i = 0; i < SLOTS; i++) {
         if (!slot[i].p) { if (empty < 0) empty = i; continue; }
         if (!slot[i].used && slot[i].n >= n && slot[i].n - n <= n / 4 && (best < 0 || slot[i].n < slot[best].n))
@@ -71,12 +79,26 @@ static void *take(size_t want) {
     if (best >= 0) {
         slot[best].used = 1;
         unused -= slot[best].n;
-        pthread_mutex_unlock(&mu);
+        unlock();
         return slot[best].p;
     }
+    /* a miss: unmap unused blocks while a new one would take what is mapped past its peak so
+       far, so that the cache never holds more than the most that was in use at once */
+    for (int i = 0; i < SLOTS && mapped + n > peak; i++)
+        if (slot[i].p && !slot[i].used) {
+            munmap(slot[i].p, slot[i].n);
+            unused -= slot[i].n;
+            mapped -= slot[i].n;
+            slot[i].p = NULL;
+            if (empty < 0) empty = i;
+        }
     char *p = empty >= 0 ? map_aligned(n) : NULL;  /* a full table: glibc serves it */
-    if (p) slot[empty].p = p, slot[empty].n = n, slot[empty].used = 1;
-    pthread_mutex_unlock(&mu);
+    if (p) {
+        slot[empty].p = p, slot[empty].n = n, slot[empty].used = 1;
+        mapped += n;
+        peak = mapped > peak ? mapped : peak;
+    }
+    unlock();
     return p;
 }
 
@@ -89,26 +111,27 @@ static int find(const void *p) {  /* under mu */
 /* 1 if p was a block of ours (now kept or unmapped), 0 if it is glibc's */
 static int give_back(void *p) {
     if (!is_ours(p)) return 0;
-    pthread_mutex_lock(&mu);
+    lock();
     int i = find(p);
     if (i >= 0 && unused + slot[i].n <= max_unused) {
         slot[i].used = 0;
         unused += slot[i].n;
     } else if (i >= 0) {
         munmap(slot[i].p, slot[i].n);
+        mapped -= slot[i].n;
         slot[i].p = NULL;
     }
-    pthread_mutex_unlock(&mu);
+    unlock();
     return i >= 0;
 }
 
 static size_t size_of(const void *p) {  /* 0 if not a block of ours */
     size_t n = 0;
     if (!is_ours(p)) return 0;
-    pthread_mutex_lock(&mu);
+    lock();
     int i = find(p);
     if (i >= 0) n = slot[i].n;
-    pthread_mutex_unlock(&mu);
+    unlock();
     return n;
 }
 
