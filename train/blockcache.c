@@ -7,10 +7,10 @@
    2-core machine. This library takes malloc / posix_memalign / aligned_alloc / memalign
    requests of at least DEEPFLAX_BLOCK_CACHE_MIN bytes (default 32 MiB) and, on free, keeps the block
    mapped (its pages stay resident) for the next request of a size it fits (block <= 5/4 of the
-   request). A request that no kept block fits first unmaps unused blocks while a new one would
-   take the bytes mapped past their peak so far: the cache holds at most what was once in use at
-   the same time (sizes that never recur are not kept for long). Blocks kept unused beyond
-   DEEPFLAX_BLOCK_CACHE_MAX_BYTES (default: half of physical memory) are unmapped on free.
+   request). A block unused for more than DEEPFLAX_BLOCK_CACHE_DECAY_S seconds (default 10) is
+   unmapped at the next large request or free: sizes that do not recur are not kept, while a
+   loop of steps reuses its blocks within a step. Blocks beyond DEEPFLAX_BLOCK_CACHE_MAX_BYTES
+   kept unused (default: half of physical memory) are unmapped on free.
    Everything else goes to glibc unchanged.
 
    Blocks are 2 MiB-aligned mappings (transparent huge pages where the kernel gives them on
@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ALIGN ((size_t)2 << 20)
@@ -37,8 +38,9 @@ extern void __libc_free(void *);
 extern void *__libc_realloc(void *, size_t);
 extern void *__libc_memalign(size_t, size_t);
 
-static struct { char *p; size_t n; int used; } slot[SLOTS];
-static size_t min_bytes = (size_t)32 << 20, max_unused, unused, mapped, peak;
+static struct { char *p; size_t n; int used; double freed; } slot[SLOTS];
+static size_t min_bytes = (size_t)32 << 20, max_unused, unused;
+static double decay_s = 10;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
 /* a child forked while another thread held the lock would find it held forever */
@@ -49,6 +51,8 @@ __attribute__((constructor)) static void configure(void) {
     pthread_atfork(lock, unlock, unlock);
     const char *e = getenv("DEEPFLAX_BLOCK_CACHE_MIN");
     if (e && *e) min_bytes = strtoull(e, NULL, 10);
+    e = getenv("DEEPFLAX_BLOCK_CACHE_DECAY_S");
+    if (e && *e) decay_s = strtod(e, NULL);
     e = getenv("DEEPFLAX_BLOCK_CACHE_MAX_BYTES");
     max_unused = e && *e ? strtoull(e, NULL, 10)
                          : (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE) / 2;
@@ -64,6 +68,25 @@ static char *map_aligned(size_t n) {  /* n: a multiple of ALIGN */
     munmap(p + n, raw + ALIGN - p);
     madvise(p, n, MADV_HUGEPAGE);
     return p;
+}
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+/* under the lock: unmap the blocks unused for more than decay_s seconds (as jemalloc lets its
+   unused pages decay), so that sizes that do not recur are not kept; a loop of steps reuses its
+   blocks within a step's time */
+static void purge(void) {
+    double t = now();
+    for (int i = 0; i < SLOTS; i++)
+        if (slot[i].p && !slot[i].used && t - slot[i].freed > decay_s) {
+            munmap(slot[i].p, slot[i].n);
+            unused -= slot[i].n;
+            slot[i].p = NULL;
+        }
 }
 
 /* a kept block of at least n bytes (and at most 5n/4), or a new one; NULL: let glibc serve it */
@@ -82,22 +105,11 @@ static void *take(size_t want) {
         unlock();
         return slot[best].p;
     }
-    /* a miss: unmap unused blocks while a new one would take what is mapped past its peak so
-       far, so that the cache never holds more than the most that was in use at once */
-    for (int i = 0; i < SLOTS && mapped + n > peak; i++)
-        if (slot[i].p && !slot[i].used) {
-            munmap(slot[i].p, slot[i].n);
-            unused -= slot[i].n;
-            mapped -= slot[i].n;
-            slot[i].p = NULL;
-            if (empty < 0) empty = i;
-        }
+    purge();
+    for (int i = 0; i < SLOTS && empty < 0; i++)
+        if (!slot[i].p) empty = i;
     char *p = empty >= 0 ? map_aligned(n) : NULL;  /* a full table: glibc serves it */
-    if (p) {
-        slot[empty].p = p, slot[empty].n = n, slot[empty].used = 1;
-        mapped += n;
-        peak = mapped > peak ? mapped : peak;
-    }
+    if (p) slot[empty].p = p, slot[empty].n = n, slot[empty].used = 1;
     unlock();
     return p;
 }
@@ -115,12 +127,13 @@ static int give_back(void *p) {
     int i = find(p);
     if (i >= 0 && unused + slot[i].n <= max_unused) {
         slot[i].used = 0;
+        slot[i].freed = now();
         unused += slot[i].n;
     } else if (i >= 0) {
         munmap(slot[i].p, slot[i].n);
-        mapped -= slot[i].n;
         slot[i].p = NULL;
     }
+    if (i >= 0) purge();
     unlock();
     return i >= 0;
 }

@@ -14,10 +14,10 @@ environment otherwise; glibc reads both when a process starts):
   previous step's resident pages: `small` 2.7 -> 1.75-1.9 s a step, kernel time 1.9 s -> 20-65
   ms; 6.4 -> 4.1 s at fsdp=8. Compiled once per source version with the system's C compiler
   (`$CC` or cc) into ~/.cache/deepflax (`$XDG_CACHE_HOME`); without a compiler it is left out.
-  It never holds more than the most that was in use at once (a request no kept block fits
-  first unmaps unused ones). `DEEPFLAX_BLOCK_CACHE=0` turns it off; `DEEPFLAX_BLOCK_CACHE_MIN`
-  (bytes) and `DEEPFLAX_BLOCK_CACHE_MAX_BYTES` (unused blocks kept, default half of physical
-  memory) tune it.
+  A block unused for 10 s is unmapped (`DEEPFLAX_BLOCK_CACHE_DECAY_S`), so sizes that do not
+  recur are not kept. `DEEPFLAX_BLOCK_CACHE=0` turns it off; `DEEPFLAX_BLOCK_CACHE_MIN` (bytes)
+  and `DEEPFLAX_BLOCK_CACHE_MAX_BYTES` (unused blocks kept, default half of physical memory)
+  tune it.
 - `glibc.malloc.hugetlb=1` (GLIBC_TUNABLES): glibc's own large blocks on transparent huge pages
   where the kernel gives them on request (2 MiB faults instead of 4 KiB ones; the block cache
   asks for them itself). A tunable the user already set in GLIBC_TUNABLES is kept as it is.
