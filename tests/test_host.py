@@ -168,3 +168,9 @@ def test_reexecutes_with_the_block_cache_preloaded(tmp_path):
         assert out.split() == ["start", "run"]
     else:
         assert out.split() == ["start", "start", "run", lib]
+
+
+def test_block_cache_left_out_without_a_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert host.block_cache_library(str(tmp_path / "cache")) is None
+    assert os.listdir(tmp_path / "cache") == []  # no half-built library left behind

@@ -51,6 +51,7 @@ __attribute__((constructor)) static void configure(void) {
     pthread_atfork(lock, unlock, unlock);
     const char *e = getenv("DEEPFLAX_BLOCK_CACHE_MIN");
     if (e && *e) min_bytes = strtoull(e, NULL, 10);
+    if (min_bytes < ALIGN) min_bytes = ALIGN;  /* each block is at least one 2 MiB page */
     e = getenv("DEEPFLAX_BLOCK_CACHE_DECAY_S");
     if (e && *e) decay_s = strtod(e, NULL);
     e = getenv("DEEPFLAX_BLOCK_CACHE_MAX_BYTES");
