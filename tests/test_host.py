@@ -170,7 +170,10 @@ def test_reexecutes_with_the_block_cache_preloaded(tmp_path):
         assert out.split() == ["start", "start", "run", lib]
 
 
-def test_block_cache_left_out_without_a_compiler(tmp_path, monkeypatch):
+def test_block_cache_left_out_without_a_compiler_or_glibc(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert host.block_cache_library(str(tmp_path / "cache")) is None
     assert os.listdir(tmp_path / "cache") == []  # no half-built library left behind
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(host.platform, "libc_ver", lambda: ("", ""))  # e.g. musl: no __libc_malloc
+    assert host.block_cache_library(str(tmp_path / "other")) is None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -62,10 +63,10 @@ BLOCK_CACHE_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "b
 def block_cache_library(cache_dir: str | None = None, source: str = BLOCK_CACHE_SOURCE) -> str | None:
     """The path of the block cache's shared library (train/blockcache.c), compiled on first use
     into `cache_dir` (default ~/.cache/deepflax) under a name holding the source's digest; None
-    where it cannot be built (no C compiler, not Linux). Concurrent processes each compile to a
+    where it cannot be built (no C compiler, not Linux with glibc). Concurrent processes each compile to a
     temporary file and rename it into place."""
-    if not sys.platform.startswith("linux"):
-        return None
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None  # it calls glibc's own __libc_malloc & co.
     with open(source, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deepflax")
