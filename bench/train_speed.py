@@ -50,6 +50,7 @@ from model.export import hf_config  # noqa: E402
 from model.moe import balanced_hash_table  # noqa: E402
 from parallel import MeshConfig, Rules, make_mesh, sharded  # noqa: E402
 from train.config import load_run_config  # noqa: E402
+from train.host import block_cache_preloaded  # noqa: E402
 from train.setup import setup  # noqa: E402
 
 SHAPE = ("shape", "small", ["model.dim=256", "model.n_layers=4", "model.compress_ratios=[0,4,16,4]",
@@ -231,7 +232,7 @@ def main():
           "HF: AdamW, CE only, eager attention and experts.")
     print(f"MFU = tokens/s x model.flops_per_token(cfg, S)['train'] / {peak:.2e} FLOP/s (this machine's "
           "float32 matmul rate, measured now: a jitted 2048 x 2048 product, best of 5).")
-    cache = "on" if "blockcache-" in os.environ.get("LD_PRELOAD", "") else "off"
+    cache = "on" if block_cache_preloaded() else "off"
     print("Page faults and kernel ms: the process's minor faults and system CPU time per step, mean "
           f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}; block cache {cache}, train/host.py: "
           "both frameworks' allocations in this process).\n")

@@ -52,13 +52,15 @@ def test_reexecutes_once_with_the_tunables_added():
 
 # --- the block cache (train/blockcache.c) ------------------------------------------------------
 MiB = 2 ** 20
-PROBE = """
-import ctypes, resource, sys
+LIBC = """
+import ctypes, resource, sys, time
 libc = ctypes.CDLL(None)
 libc.malloc.restype = libc.realloc.restype = ctypes.c_void_p
 libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.free.argtypes = libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
 libc.malloc_usable_size.restype = ctypes.c_size_t
+"""
+PROBE = LIBC + """
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -120,11 +122,7 @@ def test_block_cache_lets_blocks_unused_for_its_decay_time_go(block_cache):
     block unused for longer than DEEPFLAX_BLOCK_CACHE_DECAY_S is unmapped at the next large
     request. 16 sizes of 40-100 MiB, one at a time, 0.1 s apart: with a decay of 0.05 s the
     resident memory grows by about one block; with the default 10 s all 1.1 GB stay."""
-    code = """
-import ctypes, time
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
+    code = LIBC + """
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 before = rss()

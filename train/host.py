@@ -58,19 +58,25 @@ def malloc_tunables(environ=os.environ, thp_mode_file: str = THP_MODE, platform:
 
 
 BLOCK_CACHE_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "blockcache.c")
+BLOCK_CACHE_NAME = "blockcache-"  # the built library's file name: this, the source's digest, .so
+
+
+def block_cache_preloaded(environ=os.environ) -> bool:
+    """Whether LD_PRELOAD holds the block cache's library."""
+    return BLOCK_CACHE_NAME in environ.get("LD_PRELOAD", "")
 
 
 def block_cache_library(cache_dir: str | None = None, source: str = BLOCK_CACHE_SOURCE) -> str | None:
     """The path of the block cache's shared library (train/blockcache.c), compiled on first use
     into `cache_dir` (default ~/.cache/deepflax) under a name holding the source's digest; None
-    where it cannot be built (no C compiler, not Linux with glibc). Concurrent processes each compile to a
-    temporary file and rename it into place."""
+    where it cannot be built (no C compiler, not Linux with glibc). Concurrent processes each
+    compile to a temporary file and rename it into place."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None  # it calls glibc's own __libc_malloc & co.
     with open(source, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deepflax")
-    lib = os.path.join(cache_dir, f"blockcache-{digest}.so")
+    lib = os.path.join(cache_dir, f"{BLOCK_CACHE_NAME}{digest}.so")
     if os.path.exists(lib):
         return lib
     tmp = None
@@ -94,7 +100,7 @@ def preload(environ=os.environ, library=block_cache_library) -> str:
     """LD_PRELOAD for this process: the user's own, plus the block cache's library unless
     DEEPFLAX_BLOCK_CACHE=0, it is there already or it cannot be built."""
     given = environ.get("LD_PRELOAD", "")
-    if environ.get("DEEPFLAX_BLOCK_CACHE", "1") == "0" or "blockcache-" in given:
+    if environ.get("DEEPFLAX_BLOCK_CACHE", "1") == "0" or block_cache_preloaded(environ):
         return given
     lib = library()
     if lib is None:
