@@ -36,9 +36,16 @@ CSA_MASK_MAX = 16
 
 def chosen(idx_BSk, blocks: int):
     """[B, S, blocks] booleans: True at the top-k indices (-1 = no pick)."""
-    b, s, _ = idx_BSk.shape
+    b, s, k = idx_BSk.shape
     at = jnp.where(idx_BSk >= 0, idx_BSk, blocks)  # no pick -> a spare last column
-    return jnp.put_along_axis(jnp.zeros((b, s, blocks + 1), bool), at, True, axis=-1, inplace=False)[..., :blocks]
+    # a scatter with B and S as batching dimensions: the partitioner splits it as the batch is
+    # split (put_along_axis's explicit index arrays made it gather the indices onto every device)
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(2,),
+                                           scatter_dims_to_operand_dims=(2,), operand_batching_dims=(0, 1),
+                                           scatter_indices_batching_dims=(0, 1))
+    out = jax.lax.scatter(jnp.zeros((b, s, blocks + 1), bool), at[..., None], jnp.ones((b, s, k), bool), dims,
+                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    return out[..., :blocks]
 
 
 def _chunk(x, w: int):

@@ -20,7 +20,7 @@ from flax import nnx
 from . import quant
 from .compressor import Compressor, visible
 from .config import ModelConfig
-from .layers import Linear, apply_rope
+from .layers import Linear, apply_rope, top_k
 
 
 class Indexer(nnx.Module):
@@ -72,7 +72,7 @@ class Indexer(nnx.Module):
         """Top-k block indices [B, S, k'] with k' = min(topk, T); -1 marks invisible picks
         (visible blocks have finite scores, so a -inf pick is an invisible one)."""
         k = min(self.topk, scores_BST.shape[-1])
-        vals, idx = jax.lax.top_k(scores_BST, k)
+        vals, idx = top_k(scores_BST, k)
         return jnp.where(vals > -jnp.inf, idx, -1)
 
 

@@ -24,13 +24,15 @@ from .config import ModelConfig
 class Hooks:
     """Where parallel/ plugs into the model without the model knowing any mesh:
     `constrain(x, names)` pins an activation's sharding by logical names, and `experts(moe, x,
-    idx, wts)` replaces the single-device expert computation (expert parallelism).
+    idx, wts)` replaces the single-device expert computation (expert parallelism); `top_k(x, k)`
+    replaces jax.lax.top_k where the mesh's compiler would not split it (sorted_top_k).
 
     The hooks in force live in a context variable, set only by `using_hooks` (a context manager:
     parallel.sharded / parallel.activation_sharding): what a trace sees is scoped to the `with`
     block and to the thread (or asyncio task) that entered it, and restored on exit."""
     constrain: Callable | None = None
     experts: Callable | None = None
+    top_k: Callable | None = None
 
 
 _HOOKS: contextvars.ContextVar[Hooks] = contextvars.ContextVar("deepflax_model_hooks", default=Hooks())
@@ -55,6 +57,27 @@ def constrain(x, names):
     """Constrain activation `x` to the sharding of its logical axis `names` (no-op off-mesh)."""
     fn = _HOOKS.get().constrain
     return x if fn is None else fn(x, tuple(names))
+
+
+def top_k(x, k: int):
+    """(values, indices) of the k largest entries along the last axis: jax.lax.top_k, or the
+    hooks' replacement (parallel.sharded installs sorted_top_k on CPU meshes)."""
+    fn = _HOOKS.get().top_k
+    return jax.lax.top_k(x, k) if fn is None else fn(x, k)
+
+
+def sorted_top_k(x, k: int):
+    """jax.lax.top_k(x, k) by one stable sort of the last axis, equal to it bit for bit: larger
+    first in IEEE total order (+0 before -0, which sums of ReLUs produce), ties to the lower index.
+
+    Why: XLA:CPU lowers top_k to a TopK custom call that the SPMD partitioner does not split, so
+    on a batch-split mesh every device gathered the whole batch's router and index scores first
+    (ten all-gathers a step on `tiny` at fsdp=8); a sort it splits over the other axes."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float total order as int order
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    _, idx, vals = jax.lax.sort((~key, iota, x), dimension=x.ndim - 1, is_stable=True, num_keys=1)
+    return vals[..., :k], idx[..., :k]
 
 
 class RoutingBias(nnx.Variable):

@@ -24,7 +24,7 @@ from . import quant
 from .config import ModelConfig
 from .gmm import choose_impl, grouped_matmul, grouped_matmuls
 from .layers import (HashTable, Linear, QuantScales, QuantValues, RoutingBias, constrain, dtype_of,
-                     hooks, normal)
+                     hooks, normal, top_k)
 
 F32 = jnp.float32
 
@@ -157,7 +157,7 @@ class MoE(nnx.Module):
         if self.hashed:
             idx = self.tid2eid[...][ids_N]
         else:
-            _, idx = jax.lax.top_k(s + self.bias[...], cfg.n_activated_experts)
+            _, idx = top_k(s + self.bias[...], cfg.n_activated_experts)
         wts = jnp.take_along_axis(s, idx, axis=-1)
         if cfg.score_func != "softmax":
             wts = wts / jnp.sum(wts, axis=-1, keepdims=True)

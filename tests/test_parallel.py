@@ -10,6 +10,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import ConfigError, build, param_counts, preset
+from model.attention import chosen
+from model.layers import sorted_top_k
 from model.moe import MoE
 from parallel import (MeshConfig, Rules, abstract_mesh, create_sharded, describe, make_mesh,
                       per_device_shapes, sharded)
@@ -78,11 +80,40 @@ def test_sharded_forward_and_gradients_equal_single_device(reference, axes):
     m = place(build(cfg, rngs=nnx.Rngs(0)), mesh, rules)
     x = jax.device_put(ids, NamedSharding(mesh, rules.spec(("batch", None))))
     with sharded(mesh, rules):
-        (_, logits), grads = nnx.jit(grad_step)(m, x)
+        step = nnx.jit(grad_step)
+        if axes == dict(data=8):  # parameters whole, batch split: nothing to gather (a top-k or
+            # scatter the partitioner cannot split gathers the whole batch onto every device)
+            assert " all-gather(" not in step.lower(m, x).compile().as_text()
+        (_, logits), grads = step(m, x)
     assert float(jnp.abs(logits - ref_logits).max() / jnp.abs(ref_logits).max()) < 1e-5
     total, errs = grad_errors(grads, ref_grads)
     worst = max(errs, key=errs.get)
     assert total < 1e-5 and errs[worst] < 1e-5, (describe(mesh), total, worst, errs[worst])
+
+
+def test_sorted_top_k_is_lax_top_k():
+    """sorted_top_k (installed on CPU meshes) returns jax.lax.top_k's values and indices bit for
+    bit, on scores full of ties, +0 / -0 (sums of ReLUs), -inf (invisible blocks) and NaN."""
+    rng = np.random.default_rng(0)
+    for shape in [(4, 16, 40), (300, 8)]:
+        x = rng.integers(0, 3, shape).astype(np.float32)
+        x = np.where(rng.random(shape) < 0.3, -0.0, x)
+        x = np.where(rng.random(shape) < 0.1, -np.inf, x)
+        x = np.where(rng.random(shape) < 0.05, np.nan, x)
+        for k in (1, 3, shape[-1] // 2, shape[-1]):
+            want, got = jax.lax.top_k(x, k), sorted_top_k(jnp.asarray(x), k)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32), np.asarray(want[0]).view(np.int32))
+
+
+def test_chosen_marks_the_picks():
+    """attention.chosen: True exactly at each query's picked blocks (-1: no pick), by hand."""
+    idx = np.random.default_rng(1).integers(-1, 12, (2, 5, 4))
+    want = np.zeros((2, 5, 12), bool)
+    for b, s, j in np.ndindex(idx.shape):
+        if idx[b, s, j] >= 0:
+            want[b, s, idx[b, s, j]] = True
+    np.testing.assert_array_equal(chosen(jnp.asarray(idx), 12), want)
 
 
 def test_rules_keep_small_parameters_whole_over_fsdp():
