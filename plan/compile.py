@@ -42,7 +42,8 @@ def compile_step(run_cfg, layout, topo: Topology, mesh_cfg, dump: str | None = N
                                sharding=NamedSharding(mesh, rules.spec(("batch", None))))
     batch = dict.fromkeys(("inputs", "targets", "segment_ids", "loss_mask"), seq)
     tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, layout.param_state, mesh, rules)
-    step = make_train_step(layout.graphdef, tx, run_cfg, schedule(run_cfg.optim, run_cfg.train.steps))
+    step = make_train_step(layout.graphdef, tx, run_cfg, schedule(run_cfg.optim, run_cfg.train.steps),
+                           platform=devices[0].platform)
     t = time.perf_counter()
     with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
         out = jax.tree.map(lambda x: x.sharding, state)

@@ -20,7 +20,8 @@ from train.hooks import Hook
 from train.main import run
 from train.optim import make_optimizer, muon_partition
 from train.state import init_state
-from train.step import denominators, head_ce, head_targets, loss_sums, make_grad_fn, token_ce, total_loss
+from train.step import (denominators, head_ce, head_targets, keep_on_bad_step, loss_sums, make_grad_fn,
+                        token_ce, total_loss)
 
 from sizes import SMALL_OVERRIDES
 
@@ -452,6 +453,19 @@ def trainer_hooks(ckpt, preemption=None, log_every=1, max_bad=3):
     if preemption is not None:
         hooks.append(PreemptionHook(preemption, save, say))
     return hooks, said
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_a_bad_step_keeps_the_old_state_bit_for_bit(platform):
+    """keep_on_bad_step in either form (lax.cond on CPU, a select on every leaf elsewhere):
+    the old leaves exactly when not ok, even though the new ones are NaN; the new ones when ok."""
+    old = {"params": jnp.arange(6.0).reshape(2, 3), "opt": (jnp.full((4,), -0.0), jnp.int32(7))}
+    apply = lambda _: jax.tree.map(lambda x: x * jnp.nan if x.dtype.kind == "f" else x + 1, old)  # noqa: E731
+    step = jax.jit(lambda ok: keep_on_bad_step(ok, apply, old, platform))
+    for got, want in zip(jax.tree.leaves(step(False)), jax.tree.leaves(old)):
+        assert got.dtype == want.dtype and np.asarray(got).tobytes() == np.asarray(want).tobytes()
+    new = step(True)
+    assert np.isnan(np.asarray(new["params"])).all() and int(new["opt"][1]) == 8
 
 
 def test_bad_streak_stops_before_saving_and_bad_steps_are_not_saved():

@@ -36,7 +36,8 @@ def setup(cfg, mesh, rules, pretrained: bool = False, abstract: bool = False):
     else:
         graphdef, state = init_state(model, tx, mesh)
         state, shardings = place_state(state, mesh)
-    step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps))
+    step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps),
+                              platform=mesh.devices.flat[0].platform)
     return state, shardings, step_fn
 
 
