@@ -207,12 +207,12 @@ def make_grad_fn(graphdef, run_cfg):
 
 def keep_on_bad_step(ok, apply, old, platform: str):
     """apply(None) where `ok`, else `old` (a pytree of the same structure), in the form that
-    costs least where the step is compiled. On TPU (and GPU) a select on every leaf: the new
-    state is computed in place of the donated old one; a `lax.cond` there made its outputs
-    buffers of their own (libtpu, 8 looped v4-flash layers on v5p-1024: +2.79 GiB of
-    temporaries, 12.88 against 10.09 GiB). On CPU the cond: a bad step skips the optimiser, and
-    XLA:CPU's select took a parameter-sized buffer and a pass more (`small`, 1 device: +470 MiB,
-    +6.5% step time)."""
+    costs least where the step is compiled. Off CPU a select on every leaf (measured on TPU;
+    GPU assumed alike, not measured): the new state is computed in place of the donated old
+    one; a `lax.cond` there made its outputs buffers of their own (libtpu, 8 looped v4-flash
+    layers on v5p-1024: +2.79 GiB of temporaries, 12.88 against 10.09 GiB). On CPU the cond: a
+    bad step skips the optimiser, and XLA:CPU's select took a parameter-sized buffer and a pass
+    more (`small`, 1 device: +470 MiB, +6.5% step time)."""
     if platform == "cpu":
         return jax.lax.cond(ok, apply, lambda _: old, None)
     return jax.tree.map(lambda new, was: jnp.where(ok, new, was), apply(None), old)
