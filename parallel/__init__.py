@@ -16,10 +16,10 @@ from .rules import (RULES, Rules, abstract_sharded, activation_sharding, create_
 def sharded(mesh, rules: Rules, transport: str = "auto", capacity_factor: float | None = None):
     """Trace the model inside this context to run it on `mesh`: activations are constrained by
     the rules and MoE layers use expert parallelism over the mesh."""
+    experts = ExpertParallel(mesh, rules, transport, capacity_factor)
     # XLA:CPU's TopK is not split by the partitioner (model.layers.sorted_top_k); TPU's is
-    cpu = hasattr(mesh, "devices") and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
-    with using_hooks(experts=ExpertParallel(mesh, rules, transport, capacity_factor),
-                     top_k=sorted_top_k if cpu else None):
+    split_top_k = experts.platform == "cpu" and mesh.size > 1
+    with using_hooks(experts=experts, top_k=sorted_top_k if split_top_k else None):
         with activation_sharding(mesh, rules):
             yield
 
