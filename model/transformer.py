@@ -133,9 +133,17 @@ class Segment(nnx.Module):
 
 
 def _remat(cfg: ModelConfig):
-    """The block call, rematerialised per cfg.remat."""
-    def call(blk, *args):
-        return blk(*args)
+    """The block call, rematerialised per cfg.remat. Its input stream and parameters pass one
+    optimisation barrier together, so in the backward its input's cotangent and its weight
+    gradients leave together: the next block's backward cannot start before this block's
+    weight gradients are done. Without it libtpu deferred the MTP block's expert and attention
+    weight gradients past the whole layer loop's backward, keeping their inputs live there:
+    v4-flash-pod on v5p-1024 compiled to 6.02 + 30.04 GiB, with the barrier 6.02 + 23.70 GiB
+    (docs/benchmarks.md). Values are unchanged."""
+    def call(blk, x, *args):
+        graphdef, params, rest = nnx.split(blk, nnx.Param, ...)
+        x, params = jax.lax.optimization_barrier((x, params))
+        return nnx.merge(graphdef, params, rest)(x, *args)
 
     if cfg.remat == "none":
         return call
