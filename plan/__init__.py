@@ -30,7 +30,7 @@ from plan.flops import (REMAT_FLOPS, HloFlops, count_hlo_flops, flops_per_step, 
                         model_flops_per_device, optimizer_flops)
 from plan.hardware import CHIPS, Chip, GiB, MiB, PlanError, Topology, load_chips, parse_topology, torus_shape
 from plan.memory import (FIT_FRACTION, Activations, Memory, StateLayout, activations, estimate, exchange_bytes,
-                         import_host_bytes, residual_bytes, traced_impl)
+                         import_host_bytes, looped_layers, looped_segments, residual_bytes, traced_impl)
 from plan.report import plan, report_compile, report_import, report_memory, report_storage
 from plan.search import MAX_EXPERT, check_mesh, suggest, why_not
 
@@ -38,7 +38,7 @@ __all__ = [
     "CHIPS", "FIT_FRACTION", "MAX_EXPERT", "REMAT_FLOPS", "Activations", "Chip", "GiB", "HloFlops", "Memory", "MiB",
     "PlanError", "StateLayout", "Topology", "activations", "check_mesh", "compile_step", "compiled_total",
     "count_hlo_flops", "estimate", "exchange_bytes", "flops_per_step", "hlo_flops", "import_host_bytes", "kernel_fill",
-    "libtpu_available", "load_chips", "main",
+    "libtpu_available", "load_chips", "looped_layers", "looped_segments", "main",
     "model_flops_per_device", "optimizer_flops", "parse_topology", "plan", "report_compile", "report_import",
     "report_memory", "report_storage", "residual_bytes", "suggest", "torus_shape", "traced_impl", "why_not",
 ]

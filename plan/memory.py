@@ -21,10 +21,17 @@
 - The expert-parallel MoE layer being recomputed and differentiated, which the one-device trace
   above does not have (its routed rows never leave the device and its experts work on the
   routed pairs, not on a receive buffer of capacity_factor x as many rows): `exchange_bytes`.
-  Its local experts' residuals at the receive buffer's rows, read off `jax.vjp` of
-  `ExpertParallel._run_local` traced abstractly, twice (the recomputed values and, as large,
-  their cotangents); the tokens' and the results' send buffers, forward and backward; one
-  stack of local expert weights gathered over fsdp in the parameter dtype.
+  The one-device trace's own expert residuals are taken out of the working set then.
+- The phases: these rows are not all live at once. libtpu's live ranges (docs/benchmarks.md,
+  2026-12-05) show the backward's peak either in the last blocks (MTP, every residual still
+  kept, one block recomputed with its MoE backward), or in the layer loop (the gradients and
+  the loop's stacked residuals, one block and its MoE), or in the loss head (every residual,
+  the head's logits and the vocabulary partials). The temporaries are the largest phase.
+- libtpu's copy of the layer loops' carried state: the temporaries libtpu reports exceed the
+  buffer assignment it dumps by about the size of the forward layer loops' carried state (their
+  stacked residuals and the looped layers' parameters): 0.87-1.09x on nine compiles of
+  8 to 61 layers, 2 to 8 mHC streams, Muon and AdamW; no allocation in the dumped program holds
+  it (a measured correspondence, not a mechanism). Counted for TPU targets only.
 """
 from __future__ import annotations
 
@@ -113,6 +120,14 @@ class StateLayout:
             total += 2 * x.size * x.dtype.itemsize // split
         return total
 
+    def looped_param_bytes(self, mesh, segments) -> int:
+        """Bytes on the device holding the most of the parameters of the model's `segments`."""
+        import jax
+
+        params = self.abstract(mesh).params.get("segments", {})
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                   for i in segments for x in jax.tree.leaves(params[i]))
+
     def bytes_per_device(self, mesh) -> dict[str, int]:
         """Bytes of params / rest / opt on the device holding the most (ceil-divided shards)."""
         import jax
@@ -129,6 +144,8 @@ class Activations:
     per_seq: float       # under the config's model.remat
     fixed: float         # weight-sized residuals (casts of weights kept for the backward)
     block: float         # one block's forward residuals per sequence (remat-none / blocks)
+    moe: float = 0.0     # of `block`: its routed experts' residuals (one device: every pair)
+    platform: str = "tpu"  # of the target: libtpu's copy of the layer loops' state (Memory)
 
 
 _TRACED: dict = {}  # a full-depth model traces in 10-20 s: once per process, model and batch
@@ -218,7 +235,35 @@ def activations(run_cfg, layout, platform: str = "tpu") -> Activations:
         plain = _with_model(run_cfg, layout, _traced_model(run_cfg.model.replace(remat="none"), platform))
         none_seq = residual_bytes(*plain, 2, platform) - residual_bytes(*plain, 1, platform)
         block = none_seq / (run_cfg.model.n_layers + run_cfg.model.n_mtp_layers)
-    return Activations(per_seq, fixed, block)
+    return Activations(per_seq, fixed, block, block_expert_residuals(run_cfg), platform)
+
+
+def block_expert_residuals(run_cfg) -> float:
+    """Per sequence: what one block's routed experts keep for the backward on one device (every
+    (token, slot) pair of the sequence in the grouped products), as local_expert_residuals
+    counts it; the weights' casts, the same for any number of rows, cancel."""
+    m = run_cfg.model
+    pairs = run_cfg.data.seq_len * m.n_activated_experts
+    one, two = (local_expert_residuals(m, m.n_routed_experts, m.moe_inter_dim, n * pairs) for n in (1, 2))
+    return two - one
+
+
+def looped_segments(cfg) -> list[int]:
+    """Indices of the model's segments that run as a layer loop (model/transformer.py Segment:
+    repeated more often than cfg.scan_unroll)."""
+    from model.transformer import plan_segments
+
+    kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
+    return [i for i, (_, _, count) in enumerate(plan_segments(kinds, cfg.scan_max_period))
+            if count > 1 and cfg.scan_unroll < count]
+
+
+def looped_layers(cfg) -> int:
+    from model.transformer import plan_segments
+
+    kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
+    segments = plan_segments(kinds, cfg.scan_max_period)
+    return sum(len(segments[i][1]) * segments[i][2] for i in looped_segments(cfg))
 
 
 # --- importing a released checkpoint (model.load_pretrained, train.init_from) ----------------
@@ -249,7 +294,13 @@ def import_host_bytes(params, rules, mesh, local_devices: int) -> tuple[int, int
 # --- the estimate -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Memory:
-    """Per-device bytes of one training step (the device holding the most)."""
+    """Per-device bytes of one training step (the device holding the most). The temporaries are
+    the largest of three phases of the backward, which are never live together (the dumped
+    live ranges of libtpu's compiles, docs/benchmarks.md 2026-12-05), plus libtpu's copy of
+    the layer loops' carried state:
+    - the loss head: every residual, the head's logits of one slice, the vocabulary partials;
+    - the last blocks (MTP, unlooped): every residual, one block recomputed, its MoE backward;
+    - the layer loop: the gradients, the loop's stacked residuals, one block and its MoE."""
     params: float
     rest: float
     grads: float
@@ -261,6 +312,9 @@ class Memory:
     partials: float   # full-size embedding / head gradients before their reduce-scatter
     exchange: float   # the expert-parallel MoE layer's backward: buffers, residuals, cotangents
     logits: float     # the loss head's logits of one vocabulary slice and their gradient
+    accumulator: float = 0.0  # the micro-batches' gradient sum (train.micro_batches > 1)
+    stacks: float = 0.0       # of `saved`: the layer loops' stacked residuals
+    loop_copy: float = 0.0    # libtpu: a second copy of the layer loops' carried state
 
     @property
     def arguments(self) -> float:
@@ -268,9 +322,20 @@ class Memory:
         return self.params + self.rest + self.opt + self.batch
 
     @property
+    def phases(self) -> dict[str, float]:
+        block = self.working + self.exchange
+        return {"loss head": self.accumulator + self.saved + self.logits + self.partials,
+                "last blocks": self.accumulator + self.saved + block,
+                "layer loop": self.accumulator + self.grads + self.stacks + block}
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases.items(), key=lambda kv: kv[1])[0]
+
+    @property
     def temporaries(self) -> float:
-        """What the step allocates while it runs."""
-        return self.grads + self.saved + self.working + self.partials + self.exchange + self.logits
+        """What the step allocates while it runs: its largest phase, and libtpu's copy."""
+        return max(self.phases.values()) + self.loop_copy
 
     @property
     def total(self) -> float:
@@ -278,20 +343,23 @@ class Memory:
 
     def rows(self, run_cfg) -> list[tuple[str, float]]:
         m = run_cfg.model
-        micro = run_cfg.train.micro_batches
         return [(f"parameters ({m.param_dtype})", self.params),
                 ("routing biases and hash tables", self.rest),
-                ("gradients" + (" (+ accumulator)" if micro > 1 else ""), self.grads),
                 (f"optimiser state ({run_cfg.optim.name})", self.opt),
                 ("batch (inputs, targets, segments, mask)", self.batch),
+                ("gradients", self.grads),
+                ("gradient accumulator (micro-batches)", self.accumulator),
                 (f"activations kept (remat {m.remat}, {self.seqs:g} seq x {run_cfg.data.seq_len})", self.saved),
+                ("  of which the layer loops' stacked residuals", self.stacks),
                 ("recompute working set + weight casts", self.working),
+                ("expert-parallel MoE layer (exchange, backward)", self.exchange),
                 (f"loss head logits (vocab / {m.head_chunks}, + gradient)", self.logits),
                 ("embedding / head grads before reduce-scatter", self.partials),
-                ("expert-parallel MoE layer (exchange, backward)", self.exchange)]
+                ("libtpu: copy of the layer loops' carried state", self.loop_copy)]
 
 
 def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory:
+    from model.layers import dtype_of
     from parallel.mesh import abstract_mesh
 
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
@@ -300,13 +368,21 @@ def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory
     mesh = abstract_mesh(sizes)
     state = layout.bytes_per_device(mesh)
     param_share = state["params"] / layout.param_bytes
-    grads = state["params"] * (2 if micro > 1 else 1)
     batch = 4 * 4 * run_cfg.data.global_batch / shards * run_cfg.data.seq_len
-    return Memory(state["params"], state["rest"], grads, state["opt"], batch, act.per_seq * seqs,
-                  act.block * seqs + act.fixed * param_share, seqs,
-                  layout.vocab_partials(mesh, run_cfg.model.head_chunks),
+    m = run_cfg.model
+    # a block's routed experts are the exchange row's when they sit behind an expert axis
+    block = act.block - (act.moe if sizes["expert"] > 1 else 0)
+    # what a looped block keeps per sequence: its input stream (remat full), else its residuals
+    kept = (run_cfg.data.seq_len * m.hc_mult * m.dim * dtype_of(m.dtype).itemsize
+            if m.remat == "full" else act.block)
+    stacks = looped_layers(m) * kept * seqs
+    copy = stacks + layout.looped_param_bytes(mesh, looped_segments(m)) if act.platform == "tpu" else 0
+    return Memory(state["params"], state["rest"], state["params"], state["opt"], batch, act.per_seq * seqs,
+                  block * seqs + act.fixed * param_share, seqs,
+                  layout.vocab_partials(mesh, m.head_chunks),
                   exchange_bytes(run_cfg, sizes["expert"], seqs, sizes["tensor"]),
-                  head_logit_bytes(run_cfg.model, seqs * run_cfg.data.seq_len, sizes["tensor"]))
+                  head_logit_bytes(m, seqs * run_cfg.data.seq_len, sizes["tensor"]),
+                  accumulator=state["params"] if micro > 1 else 0, stacks=stacks, loop_copy=copy)
 
 
 def head_logit_bytes(cfg, tokens: float, tp: int = 1) -> float:
@@ -318,12 +394,12 @@ def head_logit_bytes(cfg, tokens: float, tp: int = 1) -> float:
 
 def exchange_bytes(run_cfg, ep: int, seqs: float, tp: int = 1) -> int:
     """Bytes of one MoE layer's expert-parallel backward on a device holding `seqs` sequences
-    (see the module's docstring): the local experts' residuals at the receive buffer's rows
-    (capacity_factor x the balanced load, or every sender's pairs when dropless:
-    parallel.expert.ragged_capacity) x 2, values and cotangents; the routed (token, slot)
-    pairs' send buffers [pairs, dim] in the compute dtype, tokens out and results back,
-    forward and backward; one gathered stack of local expert weights (expert hidden units
-    split over `tp`). 0 without an expert axis."""
+    (see the module's docstring), as libtpu's live ranges show them at the peak of the last
+    blocks' backward (docs/benchmarks.md, 2026-12-05): the local experts' residuals at the
+    receive buffer's rows (capacity_factor x the balanced load, or every sender's pairs when
+    dropless: parallel.expert.ragged_capacity; expert hidden units split over `tp`), the
+    received rows' cotangent [rows, dim] in the compute dtype, and the two float32 [rows,
+    hidden] upcasts SwiGLU's backward makes. 0 without an expert axis."""
     from model.layers import dtype_of
     from parallel.expert import ragged_capacity
 
@@ -333,9 +409,9 @@ def exchange_bytes(run_cfg, ep: int, seqs: float, tp: int = 1) -> int:
     pairs = math.ceil(seqs * run_cfg.data.seq_len * m.n_activated_experts)
     rows = ragged_capacity(pairs, ep, run_cfg.train.capacity_factor)
     local, hidden = m.n_routed_experts // ep, m.moe_inter_dim // tp
-    send = 2 * 2 * pairs * m.dim * dtype_of(m.dtype).itemsize
-    gathered = local * m.dim * hidden * dtype_of(m.param_dtype).itemsize
-    return 2 * local_expert_residuals(m, local, hidden, rows) + send + gathered
+    cotangent = rows * m.dim * dtype_of(m.dtype).itemsize
+    upcasts = 2 * rows * hidden * 4
+    return local_expert_residuals(m, local, hidden, rows) + cotangent + upcasts
 
 
 def local_expert_residuals(cfg, local: int, hidden: int, rows: int) -> int:

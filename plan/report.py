@@ -3,6 +3,7 @@ storage bytes, the step time at an assumed MFU, and (TPU, with libtpu) the compi
 next to the estimate."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from plan.compile import compile_step, compiled_total, libtpu_available
@@ -65,7 +66,11 @@ def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: boo
         out(f"mesh: {_mesh_text(sizes)} (requested)")
         if mem.total > budget:
             other = suggest(run_cfg, layout, act, topo.devices, chip.hbm)[0]
-    fits = report_memory(run_cfg, mem, chip, out)
+    def reestimate(micro: int) -> Memory:
+        return estimate(dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, micro_batches=micro)),
+                        layout, act, sizes)
+
+    fits = report_memory(run_cfg, mem, chip, out, reestimate)
     report_storage(run_cfg, layout, sizes, out)
     report_import(layout, sizes, topo, out)
     if not fits and other:
@@ -88,8 +93,9 @@ def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: boo
     return 0 if fits else 1
 
 
-def report_memory(run_cfg, mem: Memory, chip: Chip, out) -> bool:
-    """The per-device table; True when the estimate fits in FIT_FRACTION of HBM."""
+def report_memory(run_cfg, mem: Memory, chip: Chip, out, reestimate) -> bool:
+    """The per-device table; True when the estimate fits in FIT_FRACTION of HBM.
+    `reestimate(micro_batches)`: the estimate with that many micro-batches."""
     unit, name = (GiB, "GiB") if mem.total >= GiB else (MiB, "MiB")
     out(f"per device{'':44}{name}")
     for row, value in mem.rows(run_cfg):
@@ -97,8 +103,11 @@ def report_memory(run_cfg, mem: Memory, chip: Chip, out) -> bool:
     fits = mem.total <= FIT_FRACTION * chip.hbm
     out(f"  {'total (estimate)':<46}{mem.total / unit:8.2f}  of {chip.hbm / GiB:.1f} GiB HBM "
         f"({mem.total / chip.hbm:.0%}): {'fits' if fits else 'DOES NOT FIT'}")
+    out(f"  (total = the arguments + the largest phase of the backward, the {mem.peak_phase}; phases: "
+        + ", ".join(f"{k} {v / unit:.2f}" for k, v in mem.phases.items())
+        + (" + libtpu's copy)" if mem.loop_copy else ")"))
     if not fits:
-        for line in why_not(run_cfg, mem, chip.hbm):
+        for line in why_not(run_cfg, mem, chip.hbm, reestimate):
             out(f"  {line}")
     return fits
 

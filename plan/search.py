@@ -57,25 +57,24 @@ def suggest(run_cfg, layout, act, devices: int, hbm: float):
     return None, best
 
 
-def why_not(run_cfg, mem: Memory, hbm: float) -> list[str]:
-    """Lines saying what dominates an estimate over budget and what would shrink it."""
+def why_not(run_cfg, mem: Memory, hbm: float, reestimate) -> list[str]:
+    """Lines saying what dominates an estimate over budget and what would shrink it;
+    `reestimate(micro_batches)` gives the estimate with that many micro-batches."""
     rows = sorted(mem.rows(run_cfg), key=lambda r: -r[1])
     out = [f"needs {mem.total / GiB:.1f} GiB per device, over {FIT_FRACTION:.0%} of {hbm / GiB:.1f} GiB; "
            f"largest: {rows[0][0]} {rows[0][1] / GiB:.1f} GiB, {rows[1][0]} {rows[1][1] / GiB:.1f} GiB"]
-    act = mem.saved + mem.working + mem.logits
-    if act > mem.total / 2 and run_cfg.model.remat == "none":
+    if mem.saved + mem.working > mem.total / 2 and run_cfg.model.remat == "none":
         out.append("activations dominate: model.remat=full keeps only each block's input")
     if mem.logits > mem.working:
         out.append(f"the loss head's logits ({mem.logits / GiB:.1f} GiB): model.head_chunks divides them "
                    "(vocabulary slices at a time)")
     micro = run_cfg.train.micro_batches
-    free = FIT_FRACTION * hbm - (mem.total - act) - (mem.grads if micro == 1 else 0)  # + accumulator
     seqs = round(mem.seqs * micro)  # per device per step
-    more = [m for m in _divisors(seqs) if m > micro and act * micro / m <= free]
+    more = [m for m in _divisors(seqs) if m > micro and reestimate(m).total <= FIT_FRACTION * hbm]
     if more:  # whatever dominates, fewer sequences at a time is the change that keeps the job
         out.append(f"activations: train.micro_batches={more[0]} divides them by {more[0] / micro:g} and fits")
     else:
-        out.append(("the train state dominates" if act <= mem.total / 2 else "no micro-batch count fits")
+        state = mem.arguments + mem.grads
+        out.append(("the train state dominates" if state > mem.total / 2 else "no micro-batch count fits")
                    + ": shard it over more devices (fsdp / expert) or a larger slice")
     return out
-
