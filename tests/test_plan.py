@@ -376,3 +376,38 @@ def test_why_not_names_the_head_logits():
     assert lines[0].startswith("needs 13.0 GiB per device") and "loss head logits" in lines[0]
     assert any("model.head_chunks" in line for line in lines)
     assert any("train.micro_batches=2 divides them by 2 and fits" in line for line in lines)
+
+
+def test_live_ranges_tool(tmp_path):
+    """tools/live_ranges.py on a hand-written dump in libtpu's formats: a 100-byte and a 50-byte
+    value share one slice of the temporaries at different times (counted once), a value of 30
+    bytes overlaps both, a parameter is left out; a forward layer loop carries bf16[2, 4] and
+    f32[3] (28 bytes)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("live_ranges", pathlib.Path(__file__).parents[1] / "tools/live_ranges.py")
+    lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lr)
+    stem = tmp_path / "module_0000.jit_step.cl_1.after_optimizations"
+    pathlib.Path(f"{stem}-buffer-assignment.txt").write_text(
+        "BufferAssignment:\n"
+        "allocation 0: size 64, parameter 0, shape |f32[16]| at ShapeIndex {}:\n"
+        " value: <1 param.0 @0> (size=64,offset=0): f32[16]{0}\n"
+        "allocation 1: size 130, preallocated-temp:\n"
+        " value: <2 fusion.1 @0> (size=100,offset=0): f32[25]{0}\n"
+        " value: <3 while.2{1} (phi) @0> (size=100,offset=0): f32[25]{0}\n"
+        " value: <4 copy.3 @0> (size=30,offset=100): u8[30]{0}\n")
+    pathlib.Path(f"{stem}-live-range.txt").write_text(
+        "HloLiveRange (max 5):\n  InstructionSequence:\n    0:param.0\n    1:fusion.1\n    2:while.2\n"
+        "    3:copy.3\n    4:tuple.4\n  BufferLiveRange:\n    param.0{}:0-4\n    fusion.1{}:1-2\n"
+        "    while.2{1}:2-3\n    copy.3{}:3-4\n  Live ranges at 3 (peak):\n")
+    pathlib.Path(f"{stem}.txt").write_text(
+        '  %while.2 = (bf16[2,4]{1,0}, f32[3]{0}) while(%t), condition=%c, body=%b, '
+        'metadata={op_name="jit(step)/jvp()/while"}\n')
+    values, temps = lr.read_assignment(f"{stem}-buffer-assignment.txt")
+    order, ranges = lr.read_live_ranges(f"{stem}-live-range.txt")
+    assert temps == 130 and order == ["param.0", "fusion.1", "while.2", "copy.3", "tuple.4"]
+    assert lr.live_bytes(values, ranges, len(order)) == [0, 100, 100, 130, 30]
+    ops, loops = lr.read_hlo(f"{stem}.txt")
+    assert loops == [("while.2", "jit(step)/jvp()/while", 28)]
