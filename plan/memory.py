@@ -259,6 +259,7 @@ def looped_segments(cfg) -> list[int]:
 
 
 def looped_layers(cfg) -> int:
+    """How many of the model's layers run inside layer loops."""
     from model.transformer import plan_segments
 
     kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
@@ -372,10 +373,10 @@ def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory
     m = run_cfg.model
     # a block's routed experts are the exchange row's when they sit behind an expert axis
     block = act.block - (act.moe if sizes["expert"] > 1 else 0)
-    # what a looped block keeps per sequence: its input stream (remat full), else its residuals
-    kept = (run_cfg.data.seq_len * m.hc_mult * m.dim * dtype_of(m.dtype).itemsize
-            if m.remat == "full" else act.block)
-    stacks = looped_layers(m) * kept * seqs
+    # a looped block keeps its input stream (remat full); under another policy every residual
+    # is counted as the loops' (an upper bound)
+    stream = run_cfg.data.seq_len * m.hc_mult * m.dim * dtype_of(m.dtype).itemsize
+    stacks = (looped_layers(m) * stream if m.remat == "full" else act.per_seq) * seqs
     copy = stacks + layout.looped_param_bytes(mesh, looped_segments(m)) if act.platform == "tpu" else 0
     return Memory(state["params"], state["rest"], state["params"], state["opt"], batch, act.per_seq * seqs,
                   block * seqs + act.fixed * param_share, seqs,

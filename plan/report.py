@@ -66,6 +66,7 @@ def plan(run_cfg, topo: Topology, mesh_cfg=None, mfu: float = 0.4, compile_: boo
         out(f"mesh: {_mesh_text(sizes)} (requested)")
         if mem.total > budget:
             other = suggest(run_cfg, layout, act, topo.devices, chip.hbm)[0]
+
     def reestimate(micro: int) -> Memory:
         return estimate(dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, micro_batches=micro)),
                         layout, act, sizes)
