@@ -31,7 +31,8 @@
   buffer assignment it dumps by about the size of the forward layer loops' carried state (their
   stacked residuals and the looped layers' parameters): 0.87-1.09x on nine compiles of
   8 to 61 layers, 2 to 8 mHC streams, Muon and AdamW; no allocation in the dumped program holds
-  it (a measured correspondence, not a mechanism). Counted for TPU targets only.
+  it (a measured correspondence, not a mechanism). Counted for TPU targets only. For GPU
+  targets the temporaries stay the sum of the rows (Memory: what one H200 compile showed).
 """
 from __future__ import annotations
 
@@ -295,13 +296,16 @@ def import_host_bytes(params, rules, mesh, local_devices: int) -> tuple[int, int
 # --- the estimate -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Memory:
-    """Per-device bytes of one training step (the device holding the most). The temporaries are
-    the largest of three phases of the backward, which are never live together (the dumped
-    live ranges of libtpu's compiles, docs/benchmarks.md 2026-12-05), plus libtpu's copy of
-    the layer loops' carried state:
+    """Per-device bytes of one training step (the device holding the most). On TPU the
+    temporaries are the largest of three phases of the backward, which are never live together
+    (the dumped live ranges of libtpu's compiles, docs/benchmarks.md 2026-12-05), plus libtpu's
+    copy of the layer loops' carried state:
     - the loss head: every residual, the head's logits of one slice, the vocabulary partials;
     - the last blocks (MTP, unlooped): every residual, one block recomputed, its MoE backward;
-    - the layer loop: the gradients, the loop's stacked residuals, one block and its MoE."""
+    - the layer loop: the gradients, the loop's stacked residuals, one block and its MoE.
+    On GPU they are the sum of the rows: one H200 compile (the ~1B-active step, 2026-12-04)
+    held them all at once (estimate 3% under the compiled total summed, 32% under by phases);
+    no GPU compile has been read for phases."""
     params: float
     rest: float
     grads: float
@@ -316,6 +320,7 @@ class Memory:
     accumulator: float = 0.0  # the micro-batches' gradient sum (train.micro_batches > 1)
     stacks: float = 0.0       # of `saved`: the layer loops' stacked residuals
     loop_copy: float = 0.0    # libtpu: a second copy of the layer loops' carried state
+    platform: str = "tpu"     # of the target: phases on TPU, the sum of the rows elsewhere
 
     @property
     def arguments(self) -> float:
@@ -335,7 +340,11 @@ class Memory:
 
     @property
     def temporaries(self) -> float:
-        """What the step allocates while it runs: its largest phase, and libtpu's copy."""
+        """What the step allocates while it runs: on TPU its largest phase and libtpu's copy,
+        elsewhere every row."""
+        if self.platform != "tpu":
+            return (self.grads + self.accumulator + self.saved + self.working + self.exchange + self.logits
+                    + self.partials)
         return max(self.phases.values()) + self.loop_copy
 
     @property
@@ -383,7 +392,8 @@ def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory
                   layout.vocab_partials(mesh, m.head_chunks),
                   exchange_bytes(run_cfg, sizes["expert"], seqs, sizes["tensor"]),
                   head_logit_bytes(m, seqs * run_cfg.data.seq_len, sizes["tensor"]),
-                  accumulator=state["params"] if micro > 1 else 0, stacks=stacks, loop_copy=copy)
+                  accumulator=state["params"] if micro > 1 else 0, stacks=stacks, loop_copy=copy,
+                  platform=act.platform)
 
 
 def head_logit_bytes(cfg, tokens: float, tp: int = 1) -> float:

@@ -104,9 +104,11 @@ def report_memory(run_cfg, mem: Memory, chip: Chip, out, reestimate) -> bool:
     fits = mem.total <= FIT_FRACTION * chip.hbm
     out(f"  {'total (estimate)':<46}{mem.total / unit:8.2f}  of {chip.hbm / GiB:.1f} GiB HBM "
         f"({mem.total / chip.hbm:.0%}): {'fits' if fits else 'DOES NOT FIT'}")
-    out(f"  (total = the arguments + the largest phase of the backward, the {mem.peak_phase}; phases: "
-        + ", ".join(f"{k} {v / unit:.2f}" for k, v in mem.phases.items())
-        + (" + libtpu's copy)" if mem.loop_copy else ")"))
+    if mem.platform == "tpu":
+        out(f"  (total = the arguments + the largest phase of the backward, the {mem.peak_phase}; phases: "
+            + ", ".join(f"{k} {v / unit:.2f}" for k, v in mem.phases.items()) + " + libtpu's copy)")
+    else:
+        out("  (total = the arguments + every row: one H200 compile held them all at once)")
     if not fits:
         for line in why_not(run_cfg, mem, chip.hbm, reestimate):
             out(f"  {line}")
