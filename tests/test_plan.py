@@ -384,9 +384,9 @@ def test_why_not_names_the_head_logits():
 
 
 def test_live_ranges_tool(tmp_path):
-    """tools/live_ranges.py on a hand-written dump in libtpu's formats: a 100-byte and a 50-byte
-    value share one slice of the temporaries at different times (counted once), a value of 30
-    bytes overlaps both, a parameter is left out; a forward layer loop carries bf16[2, 4] and
+    """tools/live_ranges.py on a hand-written dump in libtpu's formats: two 100-byte values share
+    one slice of the temporaries (a loop's phi and its input: counted once), a 30-byte value
+    overlaps the second, a parameter is left out; a forward layer loop carries bf16[2, 4] and
     f32[3] (28 bytes)."""
     import importlib.util
     import pathlib
