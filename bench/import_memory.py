@@ -7,7 +7,7 @@ Writes (once) a DeepSeek-named bf16 checkpoint of a ~1.7 GB model (`small` widen
 devices, imports it onto a mesh (expert axis `--expert`, fsdp the rest) and prints the peak
 resident memory. On CPU devices the imported parameters themselves live in host memory, so the
 loader's own footprint is peak - (RSS before) - (bytes of the placed parameters); the last
-column is what `python -m plan` prints for it (plan.memory.import_host_bytes).
+column is what `python -m plan` prints for it (plan.state.import_host_bytes).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def child(path: str, expert: int) -> None:
 
     from model import abstract, load_pretrained, preset
     from parallel import MeshConfig, Rules, make_mesh
-    from plan.memory import import_host_bytes
+    from plan.state import import_host_bytes
 
     cfg = preset("small", **OVERRIDES)
     mesh = make_mesh(MeshConfig(data=1, fsdp=8 // expert, expert=expert), cfg)

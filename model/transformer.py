@@ -46,6 +46,12 @@ def plan_segments(kinds: list[Kind], max_period: int) -> list[tuple[int, tuple[K
     return segments
 
 
+def model_segments(cfg: ModelConfig) -> list[tuple[int, tuple[Kind, ...], int]]:
+    """The (start, unit, count) segments Model builds for cfg's layers; a segment runs as a
+    layer loop when count > 1 and cfg.scan_unroll < count (Segment: else it is unrolled)."""
+    return plan_segments([cfg.layer_kind(i) for i in range(cfg.n_layers)], cfg.scan_max_period)
+
+
 @struct.dataclass
 class ModelAux:
     """Extra outputs. Per-layer arrays have one row per main layer, then one per MTP block."""
@@ -183,9 +189,7 @@ class Model(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = normal(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), 1.0, cfg.param_dtype)
-        kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
-        self.segments = nnx.List([Segment(cfg, start, unit, count, rngs)
-                                  for start, unit, count in plan_segments(kinds, cfg.scan_max_period)])
+        self.segments = nnx.List([Segment(cfg, start, unit, count, rngs) for start, unit, count in model_segments(cfg)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed")
         self.hc_head = HyperHead(cfg, rngs)
         # DeepSeek computes the logits from float32 weights and inputs whatever the model dtype

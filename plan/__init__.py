@@ -3,9 +3,10 @@
 Everything here runs on a laptop, without accelerators:
 - The train state's per-device bytes (parameters, routing tables, optimiser state, gradients):
   the abstract model and optimiser laid out by the sharding rules on an abstract mesh of the
-  topology's size, exact (memory.py).
+  topology's size, exact (state.py).
 - Activations: the residuals `jax.vjp` of the real loss keeps for the backward, traced
-  abstractly, so `model.remat` is applied by JAX itself (memory.py says how they are counted).
+  abstractly, so `model.remat` is applied by JAX itself (activations.py; memory.py says how they
+  are counted).
 - Step time: model FLOPs per token (model/counts.py) x tokens per step / (devices x peak x MFU).
 - With `libtpu` installed (`pip install -e '.[tpu]'`), TPU topologies are also compiled ahead
   of time: the actual train step for the topology's devices, whose compiled memory analysis is
@@ -16,7 +17,9 @@ Everything here runs on a laptop, without accelerators:
 Layout (each module imports only those above it):
   chips.yaml   the hardware catalogue, as data: HBM and bf16 peak per JAX device, torus dims
   hardware.py  Chip, CHIPS (loaded from chips.yaml), Topology, parse_topology
-  memory.py    StateLayout (the train state, abstractly), activation residuals, the estimate
+  state.py     StateLayout (the train state, abstractly), the layer loops, a checkpoint import's host bytes
+  activations.py  the residuals autodiff keeps (traced abstractly): the loss's, a block's, the EP experts'
+  memory.py    the estimate: Memory, its rows and phases, the EP MoE layer's backward
   search.py    which meshes can run a config; the suggested mesh; why an estimate does not fit
   flops.py     the model's FLOPs per step; hlo_flops: FLOPs of optimised HLO, loops included,
                Pallas kernels apart (count_hlo_flops); kernel_fill: the grouped matmuls' filled rows
@@ -29,8 +32,9 @@ from plan.compile import compile_step, compiled_total, libtpu_available
 from plan.flops import (REMAT_FLOPS, HloFlops, count_hlo_flops, flops_per_step, hlo_flops, kernel_fill,
                         model_flops_per_device, optimizer_flops)
 from plan.hardware import CHIPS, Chip, GiB, MiB, PlanError, Topology, load_chips, parse_topology, torus_shape
-from plan.memory import (FIT_FRACTION, Activations, Memory, StateLayout, activations, estimate, exchange_bytes,
-                         import_host_bytes, looped_layers, looped_segments, residual_bytes, traced_impl)
+from plan.activations import Activations, activations, residual_bytes, traced_impl
+from plan.memory import FIT_FRACTION, Memory, estimate, exchange_bytes
+from plan.state import StateLayout, import_host_bytes, looped_layers, looped_segments
 from plan.report import plan, report_compile, report_import, report_memory, report_storage
 from plan.search import MAX_EXPERT, check_mesh, suggest, why_not
 

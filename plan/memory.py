@@ -2,11 +2,11 @@
 
 - The train state (parameters, routing tables, optimiser state, gradients): the abstract model
   and optimiser (jax.eval_shape) laid out by the sharding rules on an abstract mesh of the
-  topology's size: exact, the layout `python -m train` creates.
+  topology's size: exact, the layout `python -m train` creates (plan/state.py).
 - Activations: the residuals autodiff keeps for the backward pass, read off `jax.vjp` of the
   real loss traced abstractly (no FLOPs, no memory) at 1 and 2 sequences, so the policy of
   `model.remat` is applied by JAX itself, with the MoE's grouped matmul standing in for the
-  target's kernel (traced_impl). Per-sequence residuals scale with the sequences each
+  target's kernel (plan/activations.py, traced_impl). Per-sequence residuals scale with the sequences each
   device holds; the rest (weights cast to the compute dtype, kept for the backward) is counted
   sharded like the parameters. A rematerialised block recomputes its forward during the
   backward: one block's residuals (the remat-none residuals over the layer count) are added as
@@ -39,261 +39,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from plan.activations import Activations, local_expert_residuals
+from plan.state import looped_layers
+
 FIT_FRACTION = 0.9  # of HBM: what the estimate may use (XLA's temporaries, fragmentation)
 
 
-# --- the train state, abstractly ----------------------------------------------------------
-class StateLayout:
-    """The train state's structure (params, rest, opt) as ShapeDtypeStructs, with the
-    PartitionSpec of every leaf from the rules: no memory, any model size."""
-
-    def __init__(self, run_cfg, rules):
-        import jax
-        from flax import nnx
-        from jax.sharding import PartitionSpec as P
-
-        from model.counts import weight_classes
-        from model.transformer import abstract
-        from train.optim import make_optimizer, nest
-        from train.state import mirror_params
-
-        model = abstract(run_cfg.model)
-        self.rules = rules
-        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        self.param_state = params  # logical axis names: make_optimizer(..., mesh, rules) on a mesh
-        self.tx = make_optimizer(run_cfg.optim, run_cfg.train.steps, params)
-        specs = dict(nnx.to_flat_state(rules.param_specs(model)))
-        self.params, self.rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-        self.opt = jax.eval_shape(self.tx.init, self.params)
-        spec = {k: nest({p: specs[p] for p, _ in nnx.to_flat_state(s)}) for k, s in (("params", params), ("rest", rest))}
-        spec["opt"] = mirror_params(self.tx, self.params, spec["params"], P())
-        self.specs = spec
-        self.param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
-        self.weight_classes = weight_classes(model)
-
-    def abstract(self, mesh):
-        """The TrainState as ShapeDtypeStructs sharded on `mesh` (step counters replicated)."""
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        from train.state import TrainState
-
-        def place(tree, specs):
-            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
-                                tree, specs, is_leaf=lambda x: isinstance(x, P))
-
-        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-        return TrainState(step=scalar, params=place(self.params, self.specs["params"]),
-                          rest=place(self.rest, self.specs["rest"]), opt=place(self.opt, self.specs["opt"]),
-                          bad=scalar, skipped=scalar)
-
-    def param_elements(self, mesh=None) -> dict[tuple, int]:
-        """Elements of every parameter: whole, or on the device holding the most of `mesh`."""
-        import jax
-
-        tree = self.params if mesh is None else self.abstract(mesh).params
-        shape = (lambda x: x.shape) if mesh is None else (lambda x: x.sharding.shard_shape(x.shape))
-        return {tuple(k.key for k in path): math.prod(shape(x))
-                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-    def vocab_partials(self, mesh, head_chunks: int = 1) -> int:
-        """Bytes of the full-size gradients of the vocab-sized parameters (embedding, head) on one
-        device before they are reduce-scattered: a device's tokens touch the whole parameter, so
-        its partial gradient is sharded only over the mesh axes that do not split the batch. Each
-        is counted twice: libtpu's memory report on v4-pro-pod shows the partial and the
-        collective's buffer live together at the end of the backward (4 x 3.45 GiB there). The
-        loss makes the head's gradient one vocabulary slice of `head_chunks` at a time."""
-        from flax import nnx
-
-        from parallel.mesh import BATCH_AXES
-
-        total = 0
-        for path, var in nnx.to_flat_state(self.param_state):
-            names = var.get_metadata().get("out_sharding") or ()
-            if "vocab" not in names:
-                continue
-            x = var.get_value()
-            spec = tuple(self.rules.var_spec(var))
-            split = math.prod(mesh.shape[a] for e in spec for a in ((e,) if isinstance(e, str) else e or ())
-                              if a not in BATCH_AXES)
-            split *= head_chunks if path[0] == "head" else 1
-            total += 2 * x.size * x.dtype.itemsize // split
-        return total
-
-    def looped_param_bytes(self, mesh, segments) -> int:
-        """Bytes on the device holding the most of the parameters of the model's `segments`."""
-        import jax
-
-        params = self.abstract(mesh).params.get("segments", {})
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                   for i in segments for x in jax.tree.leaves(params[i]))
-
-    def bytes_per_device(self, mesh) -> dict[str, int]:
-        """Bytes of params / rest / opt on the device holding the most (ceil-divided shards)."""
-        import jax
-
-        state = self.abstract(mesh)
-        return {k: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                       for x in jax.tree.leaves(getattr(state, k)))
-                for k in ("params", "rest", "opt")}
-
-
-@dataclass(frozen=True)
-class Activations:
-    """Autodiff residuals of the loss, in bytes: per sequence and independent of the batch."""
-    per_seq: float       # under the config's model.remat
-    fixed: float         # weight-sized residuals (casts of weights kept for the backward)
-    block: float         # one block's forward residuals per sequence (remat-none / blocks)
-    moe: float = 0.0     # of `block`: its routed experts' residuals (one device: every pair)
-    platform: str = "tpu"  # of the target: libtpu's copy of the layer loops' state (Memory)
-
-
-_TRACED: dict = {}  # a full-depth model traces in 10-20 s: once per process, model and batch
-
-
-def residual_bytes(run_cfg, layout, n_seqs: int, platform: str = "tpu") -> int:
-    """Bytes of what jax.vjp keeps for the backward of the loss on `n_seqs` sequences,
-    excluding the arguments themselves (parameters, routing tables, batch). `layout` holds
-    `run_cfg.model`'s state; the MoE runs the grouped matmul `model.moe_impl` means on the
-    target `platform` (traced_impl). The figure is remembered per model, sequence length and loss."""
-    model = _traced_model(run_cfg.model, platform)
-    key = (model, run_cfg.data.seq_len, run_cfg.loss, run_cfg.train.steps, n_seqs)
-    if key not in _TRACED:
-        _TRACED[key] = _residual_bytes(*_with_model(run_cfg, layout, model), n_seqs)
-    return _TRACED[key]
-
-
-def traced_impl(moe_impl: str, platform: str) -> str:
-    """The grouped matmul to trace on this host for a `platform` ("tpu" or "gpu") target: the
-    target's kernels (megablox, tokamax) keep only their inputs for the backward, as "tiled" does
-    here; the host's own `auto` choice (blocked on CPU) would keep its [E, C, F] expert blocks."""
-    from model.gmm import choose_impl
-
-    impl = "tokamax" if (moe_impl, platform) == ("auto", "gpu") else choose_impl(moe_impl, platform)
-    return "tiled" if impl in ("megablox", "tokamax") else impl
-
-
-def _traced_model(model, platform: str):
-    """`model` with the grouped matmul traced_impl gives for `platform`."""
-    return model.replace(moe_impl=traced_impl(model.moe_impl, platform))
-
-
-def _with_model(run_cfg, layout, model):
-    """(run_cfg, layout) for `model`, a config with the same state as run_cfg.model's (only
-    the modules' calls, in the graphdef, differ)."""
-    if model == run_cfg.model:
-        return run_cfg, layout
-    import copy
-    import dataclasses
-
-    from flax import nnx
-
-    from model.transformer import abstract
-
-    other = copy.copy(layout)
-    other.graphdef = nnx.split(abstract(model), nnx.Param, ...)[0]
-    return dataclasses.replace(run_cfg, model=model), other
-
-
-def _residual_bytes(run_cfg, layout, n_seqs: int) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from train.step import denominators, loss_weights, make_forward
-
-    forward = make_forward(layout.graphdef, run_cfg.model)
-    seq = jax.ShapeDtypeStruct((n_seqs, run_cfg.data.seq_len), jnp.int32)
-    batch = dict.fromkeys(("inputs", "targets", "segment_ids", "loss_mask"), seq)
-
-    def kept(params, rest, mb):
-        denoms, weights = denominators(mb, run_cfg.model), loss_weights(run_cfg.loss, 0, run_cfg.train.steps)
-        _, f_vjp, _ = jax.vjp(lambda p: forward(p, rest, mb, denoms, weights, False), params, has_aux=True)
-        return _new_residuals(f_vjp, (params, rest, mb))
-
-    return _nbytes(jax.eval_shape(kept, layout.params, layout.rest, batch))
-
-
-def _new_residuals(f_vjp, given) -> list:
-    """What a jax.vjp closure keeps for the backward, without the arrays of `given` (its
-    inputs, which exist anyway)."""
-    import jax
-
-    ids = {id(x) for x in jax.tree.leaves(given)}
-    return [r for r in jax.tree.leaves(f_vjp) if id(r) not in ids]
-
-
-def _nbytes(arrays) -> int:
-    return sum(x.size * x.dtype.itemsize for x in arrays)
-
-
-def activations(run_cfg, layout, platform: str = "tpu") -> Activations:
-    one, two = (residual_bytes(run_cfg, layout, n, platform) for n in (1, 2))
-    per_seq, fixed = two - one, 2 * one - two
-    block = 0.0
-    if run_cfg.model.remat != "none":
-        # traced_impl applied here too, so that residual_bytes rebuilds no second graphdef
-        plain = _with_model(run_cfg, layout, _traced_model(run_cfg.model.replace(remat="none"), platform))
-        none_seq = residual_bytes(*plain, 2, platform) - residual_bytes(*plain, 1, platform)
-        block = none_seq / (run_cfg.model.n_layers + run_cfg.model.n_mtp_layers)
-    return Activations(per_seq, fixed, block, block_expert_residuals(run_cfg), platform)
-
-
-def block_expert_residuals(run_cfg) -> float:
-    """Per sequence: what one block's routed experts keep for the backward on one device (every
-    (token, slot) pair of the sequence in the grouped products), as local_expert_residuals
-    counts it; the weights' casts, the same for any number of rows, cancel."""
-    m = run_cfg.model
-    pairs = run_cfg.data.seq_len * m.n_activated_experts
-    one, two = (local_expert_residuals(m, m.n_routed_experts, m.moe_inter_dim, n * pairs) for n in (1, 2))
-    return two - one
-
-
-def looped_segments(cfg) -> list[int]:
-    """Indices of the model's segments that run as a layer loop (model/transformer.py Segment:
-    repeated more often than cfg.scan_unroll)."""
-    from model.transformer import plan_segments
-
-    kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
-    return [i for i, (_, _, count) in enumerate(plan_segments(kinds, cfg.scan_max_period))
-            if count > 1 and cfg.scan_unroll < count]
-
-
-def looped_layers(cfg) -> int:
-    """How many of the model's layers run inside layer loops."""
-    from model.transformer import plan_segments
-
-    kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
-    segments = plan_segments(kinds, cfg.scan_max_period)
-    return sum(len(segments[i][1]) * segments[i][2] for i in looped_segments(cfg))
-
-
-# --- importing a released checkpoint (model.load_pretrained, train.init_from) ----------------
-STACKED = ("layers", "experts")  # logical axes a checkpoint stores as one tensor per index
-
-
-def import_host_bytes(params, rules, mesh, local_devices: int) -> tuple[int, int]:
-    """(largest device shard of one parameter, largest checkpoint tensor in float32) in bytes, for
-    `params` (an nnx State of Params with their logical axes) laid out by `rules` on `mesh`.
-    model.load_pretrained fills one parameter at a time: jax.make_array_from_callback assembles
-    each of the process's `local_devices` shards before placing them, each shard from source
-    tensors read one at a time and dequantised to float32. So one process needs about
-    local_devices x shard + source bytes of host memory (replicas on one process share a shard:
-    an upper bound), never the checkpoint or a whole stacked parameter."""
-    from flax import nnx
-    from jax.sharding import NamedSharding
-
-    shard = source = 0
-    for _, v in nnx.to_flat_state(params):
-        x = v.get_value()
-        names = v.get_metadata().get("out_sharding") or (None,) * x.ndim
-        local = NamedSharding(mesh, rules.var_spec(v)).shard_shape(x.shape)
-        shard = max(shard, math.prod(local) * x.dtype.itemsize)
-        source = max(source, 4 * math.prod(n for n, a in zip(x.shape, names) if a not in STACKED))
-    return shard, source
-
-
-# --- the estimate -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Memory:
     """Per-device bytes of one training step (the device holding the most). On TPU the
@@ -386,7 +137,7 @@ def estimate(run_cfg, layout, act: Activations, sizes: dict[str, int]) -> Memory
     # is counted as the loops' (an upper bound)
     stream = run_cfg.data.seq_len * m.hc_mult * m.dim * dtype_of(m.dtype).itemsize
     stacks = (looped_layers(m) * stream if m.remat == "full" else act.per_seq) * seqs
-    copy = stacks + layout.looped_param_bytes(mesh, looped_segments(m)) if act.platform == "tpu" else 0
+    copy = stacks + state["looped"] if act.platform == "tpu" else 0
     return Memory(state["params"], state["rest"], state["params"], state["opt"], batch, act.per_seq * seqs,
                   block * seqs + act.fixed * param_share, seqs,
                   layout.vocab_partials(mesh, m.head_chunks),
@@ -423,38 +174,3 @@ def exchange_bytes(run_cfg, ep: int, seqs: float, tp: int = 1) -> int:
     cotangent = rows * m.dim * dtype_of(m.dtype).itemsize
     upcasts = 2 * rows * hidden * 4
     return local_expert_residuals(m, local, hidden, rows) + cotangent + upcasts
-
-
-def local_expert_residuals(cfg, local: int, hidden: int, rows: int) -> int:
-    """Bytes jax.vjp keeps for the backward of `local` experts of `hidden` units on a receive
-    buffer of `rows` rows (parallel.expert.ExpertParallel._run_local: sort, grouped products,
-    SwiGLU, gate, unsort), excluding the received rows and the weights themselves. Traced
-    abstractly with the tiled grouped matmul, whose residuals are its inputs, like the TPU
-    kernel's."""
-    key = (cfg, local, hidden, rows)
-    if key not in _TRACED:
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        from model.layers import dtype_of
-        from model.moe import MoE
-        from parallel.expert import ExpertParallel
-
-        moe = nnx.eval_shape(lambda: MoE(cfg, hashed=False, rngs=nnx.Rngs(0)))
-        dt, pt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-
-        def kept(xs, w1, w3, w2, e, w):
-            def run(xs, w1, w3, w2):
-                experts = lambda x, ee, valid: ExpertParallel._local_experts(  # noqa: E731
-                    moe, "tiled", x, ee, valid, w1, w3, w2, dt)
-                return ExpertParallel._run_local(None, experts, xs, e, w, jnp.ones(e.shape, bool))
-            _, f_vjp = jax.vjp(run, xs, w1, w3, w2)
-            return _new_residuals(f_vjp, (xs, w1, w3, w2, e, w))
-
-        S = jax.ShapeDtypeStruct
-        out = jax.eval_shape(kept, S((rows, cfg.dim), dt), S((local, cfg.dim, hidden), pt),
-                             S((local, cfg.dim, hidden), pt), S((local, hidden, cfg.dim), pt),
-                             S((rows,), jnp.int32), S((rows,), jnp.float32))
-        _TRACED[key] = _nbytes(out)
-    return _TRACED[key]

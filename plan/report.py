@@ -9,7 +9,9 @@ import time
 from plan.compile import compile_step, compiled_total, libtpu_available
 from plan.flops import REMAT_FLOPS, flops_per_step, kernel_fill, model_flops_per_device
 from plan.hardware import Chip, GiB, MiB, Topology
-from plan.memory import FIT_FRACTION, Memory, StateLayout, activations, estimate, import_host_bytes
+from plan.activations import activations
+from plan.memory import FIT_FRACTION, Memory, estimate
+from plan.state import StateLayout, import_host_bytes
 from plan.search import check_mesh, suggest, why_not
 
 

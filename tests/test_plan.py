@@ -7,7 +7,6 @@ import pytest
 
 import plan as P
 from model.counts import param_counts
-from model.transformer import plan_segments
 from parallel import Rules, make_mesh
 from parallel.mesh import MeshConfig, abstract_mesh
 from parallel.rules import per_device_shapes
@@ -139,7 +138,7 @@ def test_exchange_bytes(pod):
     sender's pairs; no expert axis, none of it."""
     import dataclasses
 
-    from plan.memory import local_expert_residuals
+    from plan.activations import local_expert_residuals
 
     cfg, layout = pod
     pairs, local, d, f = 4096 * 6, 16, 4096, 2048
@@ -315,8 +314,7 @@ def test_reduced_depth_pod_compile_agrees_with_the_plan(monkeypatch):
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
     cfg = load_run_config(POD, ["model.n_layers=9", "model.compress_ratios=[4,4,128,4,128,4,128,4,128]",
                                 "model.n_hash_layers=1"])
-    assert any(seg[2] > cfg.model.scan_unroll for seg in plan_segments(
-        [cfg.model.layer_kind(i) for i in range(9)], cfg.model.scan_max_period))  # a layer loop
+    assert P.looped_layers(cfg.model) == 8  # the four pairs run in a layer loop
     topo = P.parse_topology("v5p-1024")
     layout = P.StateLayout(cfg, Rules(cfg.rules))
     sizes = cfg.mesh.resolve(topo.devices)
