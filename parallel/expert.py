@@ -35,6 +35,7 @@ from model.config import ConfigError
 from model.gmm import choose_impl, grouped_matmul, grouped_matmuls
 from model.moe import swiglu
 
+from .mesh import platform_of
 from .rules import Rules
 
 F32 = jnp.float32
@@ -89,7 +90,7 @@ class ExpertParallel:
 
     def __init__(self, mesh, rules: Rules, transport: str = "auto", capacity_factor: float | None = None):
         self.mesh, self.rules = mesh, rules
-        self.platform = mesh.devices.flat[0].platform if hasattr(mesh, "devices") else None
+        self.platform = platform_of(mesh)
         self.transport = choose_transport(transport, self.platform)
         self.capacity_factor = capacity_factor
         w13 = rules.spec(("experts", "embed", "expert_mlp"))

@@ -136,6 +136,11 @@ def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
                                      axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def platform_of(mesh) -> str | None:
+    """The platform of a mesh's devices ("cpu", "tpu", "gpu"); None for an abstract mesh."""
+    return mesh.devices.flat[0].platform if hasattr(mesh, "devices") else None
+
+
 def describe(mesh) -> str:
     """`data=2 x expert=2 x tensor=2` (axes of size 1 left out)."""
     return " x ".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 device"

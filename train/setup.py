@@ -15,6 +15,7 @@ def setup(cfg, mesh, rules, pretrained: bool = False, abstract: bool = False):
     from flax import nnx
 
     from parallel import abstract_sharded, create_sharded
+    from parallel.mesh import platform_of
     from train.optim import make_optimizer, schedule
     from train.state import abstract_state, init_state, place_state
     from train.step import make_train_step
@@ -37,7 +38,7 @@ def setup(cfg, mesh, rules, pretrained: bool = False, abstract: bool = False):
         graphdef, state = init_state(model, tx, mesh)
         state, shardings = place_state(state, mesh)
     step_fn = make_train_step(graphdef, tx, cfg, schedule(cfg.optim, cfg.train.steps),
-                              platform=mesh.devices.flat[0].platform)
+                              platform=platform_of(mesh))
     return state, shardings, step_fn
 
 
