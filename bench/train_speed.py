@@ -102,10 +102,22 @@ def interleaved(runners: dict, warmup: int, steps: int) -> dict:
     return {name: (float(np.median(t)), faults[name] / steps, kernel[name] / steps) for name, t in times.items()}
 
 
-def ours(run_cfg, devices, tokens):
-    """(step, sync, check) of our train step on a data-parallel mesh over `devices`, as
-    python -m train runs it: compiled ahead of time under the mesh's context (so that several
-    meshes' steps can run in turn), its state donated from step to step."""
+def bench_config(preset: str, model_overrides, batch: int, seq: int, optim: str, steps: int):
+    """The run config both frameworks' rows use: `preset` (plus overrides) from configs/tiny.yaml
+    with MTP off (HF has none), float32 everywhere, a mesh of one device (ours() makes the mesh)."""
+    # model.preset= resets the model section: keep configs/tiny.yaml's scan_unroll
+    unroll = load_run_config(os.path.join(ROOT, "configs/tiny.yaml")).model.scan_unroll
+    return load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
+        f"model.preset={preset}", *model_overrides, "model.n_mtp_layers=0", "model.dtype=float32",
+        f"model.scan_unroll={unroll}", "model.param_dtype=float32", "mesh.data=1", "mesh.expert=1",
+        "mesh.tensor=1", "mesh.fsdp=1", f"data.global_batch={batch}", f"data.seq_len={seq}",
+        f"train.steps={steps}", f"optim.name={optim}"])
+
+
+def compile_ours(run_cfg, devices, tokens):
+    """(compiled step, state, batch): our train step compiled ahead of time on a data-parallel
+    mesh over `devices`, as python -m train runs it (under the mesh's context, so that several
+    meshes' steps can run in turn), with its first state and the token batch placed."""
     cfg = run_cfg.model
     # FSDP: parameters and optimiser state split 8 ways (a data=8 copy of `small` per emulated
     # device does not fit this machine's 24 GB); the batch is split over fsdp as over data
@@ -116,9 +128,15 @@ def ours(run_cfg, devices, tokens):
     local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
              "loss_mask": ones.astype(np.float32)}
     batch = jax.device_put(local, NamedSharding(mesh, rules.spec(("batch", None))))
-    holder = {"state": state, "metrics": None}
     with sharded(mesh, rules, run_cfg.train.moe_transport, run_cfg.train.capacity_factor):
-        jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch).compile()
+        compiled = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch).compile()
+    return compiled, state, batch
+
+
+def ours(run_cfg, devices, tokens):
+    """(step, sync, check) of our compiled step (compile_ours), its state donated from step to step."""
+    jstep, state, batch = compile_ours(run_cfg, devices, tokens)
+    holder = {"state": state, "metrics": None}
 
     def one():
         holder["state"], holder["metrics"] = jstep(holder["state"], batch)
@@ -197,15 +215,9 @@ def main():
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
           f"{os.cpu_count()} CPU cores")
     rows = []
-    # model.preset= below resets the model section: keep configs/tiny.yaml's scan_unroll
-    unroll = load_run_config(os.path.join(ROOT, "configs/tiny.yaml")).model.scan_unroll
     cases = [(name, name, [], b, s) for name in args.presets.split(",") if name] + ([SHAPE] if args.shape else [])
     for name, preset, model_overrides, b, s in cases:
-        run_cfg = load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
-            f"model.preset={preset}", *model_overrides, "model.n_mtp_layers=0", "model.dtype=float32", f"model.scan_unroll={unroll}",
-            "model.param_dtype=float32", "mesh.data=1", "mesh.expert=1", "mesh.tensor=1", "mesh.fsdp=1",
-            f"data.global_batch={b}", f"data.seq_len={s}", f"train.steps={max(args.warmup + args.steps, 20)}",
-            f"optim.name={args.optim}"])
+        run_cfg = bench_config(preset, model_overrides, b, s, args.optim, max(args.warmup + args.steps, 20))
         cfg = run_cfg.model
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, s + 1), dtype=np.int32)
         net = build_torch(cfg)
