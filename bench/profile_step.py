@@ -93,8 +93,8 @@ def instruction_sources(hlo_text: str, root: str = ROOT) -> dict:
     frame (a library's line); ("?", "?", 0, ...) where the instruction has no stack. kind: "dot"
     for a dot or a fusion holding one (a weight gradient's dot is often named after the transpose
     it absorbed), the opcode of a collective (XLA combines the gradients' all-reduces into one,
-    named after one of them), else the op name's last primitive. Control flow (while, conditional, call) is
-    left out: the trace times the ops of its bodies themselves."""
+    named after one of them), else the op name's last primitive. Control flow (while,
+    conditional, call) is left out: the trace times the ops of its bodies themselves."""
     locations, frames = stack_tables(hlo_text)
     with_dots = _computations_with_dots(hlo_text)
     out = {}

@@ -104,7 +104,8 @@ def interleaved(runners: dict, warmup: int, steps: int) -> dict:
 
 def bench_config(preset: str, model_overrides, batch: int, seq: int, optim: str, steps: int):
     """The run config both frameworks' rows use: `preset` (plus overrides) from configs/tiny.yaml
-    with MTP off (HF has none), float32 everywhere, a mesh of one device (ours() makes the mesh)."""
+    with MTP off (HF has none), float32 everywhere; its mesh fields stay 1 (compile_ours builds
+    the mesh over the devices it is given)."""
     # model.preset= resets the model section: keep configs/tiny.yaml's scan_unroll
     unroll = load_run_config(os.path.join(ROOT, "configs/tiny.yaml")).model.scan_unroll
     return load_run_config(os.path.join(ROOT, "configs/tiny.yaml"), [
