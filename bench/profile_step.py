@@ -42,7 +42,8 @@ import re
 import tempfile
 import time
 
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = ")
+from plan.flops import parse_hlo
+
 _TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -72,21 +73,6 @@ def stack_tables(hlo_text: str):
     return locations, frames
 
 
-def _computations_with_dots(hlo_text: str) -> set[str]:
-    """Names of the HLO's computations that hold a dot (the fusions XLA:CPU hands to its matmul
-    library)."""
-    found, current = set(), None
-    for line in hlo_text.splitlines():
-        m = re.match(r"%?([\w.\-]+) \(.*\) -> .*\{$", line)
-        if m:
-            current = m.group(1)
-        elif line.startswith("}"):
-            current = None
-        elif current and " dot(" in line:
-            found.add(current)
-    return found
-
-
 def instruction_sources(hlo_text: str, root: str = ROOT) -> dict:
     """{instruction name: (file relative to root, function, line, op_name, kind)}: the innermost
     frame of the instruction's stack inside `root` and outside site-packages, else its innermost
@@ -96,18 +82,16 @@ def instruction_sources(hlo_text: str, root: str = ROOT) -> dict:
     named after one of them), else the op name's last primitive. Control flow (while,
     conditional, call) is left out: the trace times the ops of its bodies themselves."""
     locations, frames = stack_tables(hlo_text)
-    with_dots = _computations_with_dots(hlo_text)
+    computations, _ = parse_hlo(hlo_text)
+    with_dots = {c for c, instructions in computations.items() if any(i[2] == "dot" for i in instructions)}
     out = {}
-    for line in hlo_text.splitlines():
-        m = _INSTRUCTION.match(line)
-        opcode = re.search(r"=\s.*?\s([a-z][a-z0-9-]*)\(", line)
-        opcode = opcode.group(1) if opcode else ""
-        if not m or opcode in ("while", "conditional", "call"):
+    for name, _, opcode, rest in (i for instructions in computations.values() for i in instructions):
+        if opcode in ("while", "conditional", "call"):
             continue
-        calls = re.search(r"calls=%?([\w.\-]+)", line)
-        op_name = re.search(r'op_name="([^"]*)"', line)
+        calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
         op_name = op_name.group(1) if op_name else ""
-        frame = re.search(r"stack_frame_id=(\d+)", line)
+        frame = re.search(r"stack_frame_id=(\d+)", rest)
         chain, fid = [], int(frame.group(1)) if frame else 0
         while fid in frames and len(chain) < 200:
             loc, parent = frames[fid]
@@ -121,8 +105,8 @@ def instruction_sources(hlo_text: str, root: str = ROOT) -> dict:
             kind = opcode
         else:
             kind = kind_of(op_name)
-        out[m.group(1)] = (os.path.relpath(file, root) if file.startswith(root + os.sep) else file, function,
-                           lineno, op_name, kind)
+        out[name] = (os.path.relpath(file, root) if file.startswith(root + os.sep) else file, function,
+                     lineno, op_name, kind)
     return out
 
 

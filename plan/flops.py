@@ -82,8 +82,9 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in m.group(1).split(",") if d] if m else []
 
 
-def _parse(text: str):
-    """{computation: [(name, shape, opcode, rest of line)]} and the entry computation's name."""
+def parse_hlo(text: str):
+    """{computation: [(name, shape, opcode, rest of line)]} and the entry computation's name, from
+    HLO text (`compiled.as_text()`); rest holds the operands, attributes and metadata."""
     comps, current, entry = {}, None, None
     for line in text.splitlines():
         if current is None:
@@ -204,7 +205,7 @@ def hlo_flops(text: str) -> tuple[float, int]:
 
 def count_hlo_flops(text: str) -> HloFlops:
     """hlo_flops, with the Pallas kernels' stated FLOPs apart from the dots'."""
-    comps, entry = _parse(text)
+    comps, entry = parse_hlo(text)
     shapes = {name: shape for instrs in comps.values() for name, shape, _, _ in instrs}
     unknown, memo = 0, {}
 
